@@ -1,0 +1,1 @@
+"""Test utilities shipped with the package (multi-process harness, tiny configs)."""
