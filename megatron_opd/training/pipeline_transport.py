@@ -1,0 +1,61 @@
+"""Moving decisions made on the last pipeline stage to every stage.
+
+Logits, and so overlap ratios, reliability weights and the trimming plan, exist only on
+the last pipeline stage. Every stage must nevertheless run the same schedule over
+micro-batches of the same shapes (the shapes fix the p2p transfers), so the plan is
+broadcast over the pipeline group *before* ``forward_backward_func`` starts. A tensor of
+unknown size travels as two broadcasts: its shape, then its data.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_opd.distributed import ParallelGroups
+
+_MAX_DIMS = 4
+
+
+def broadcast_from_last_stage(
+    tensor: torch.Tensor | None, groups: ParallelGroups, *, dtype: torch.dtype
+) -> torch.Tensor:
+    """Return the last stage's ``tensor`` on every stage of this pipeline.
+
+    The last stage passes its tensor (any shape up to 4-D); other stages pass None.
+    """
+    if groups.pp_size == 1:
+        assert tensor is not None
+        return tensor
+    device = groups.platform.device
+    src = groups.last_stage_global_rank
+    shape = torch.zeros(_MAX_DIMS + 1, dtype=torch.int64, device=device)
+    if groups.is_last_stage:
+        assert tensor is not None and tensor.dim() <= _MAX_DIMS
+        shape[0] = tensor.dim()
+        shape[1 : 1 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
+    dist.broadcast(shape, src=src, group=groups.pp_group)
+    dims = [int(d) for d in shape[1 : 1 + int(shape[0])].tolist()]
+    if groups.is_last_stage:
+        data = tensor.to(device=device, dtype=dtype).contiguous()
+    else:
+        data = torch.empty(dims, dtype=dtype, device=device)
+    dist.broadcast(data, src=src, group=groups.pp_group)
+    return data
+
+
+def gather_across_data_parallel(tensor: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
+    """Concatenate a 1-D tensor of possibly different lengths from every DP rank (in DP
+    rank order)."""
+    if groups.dp_size == 1:
+        return tensor
+    device = tensor.device
+    size = torch.tensor([tensor.numel()], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(groups.dp_size)]
+    dist.all_gather(sizes, size, group=groups.dp_group)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, dtype=tensor.dtype, device=device)
+    padded[: tensor.numel()] = tensor
+    pieces = [torch.zeros_like(padded) for _ in range(groups.dp_size)]
+    dist.all_gather(pieces, padded, group=groups.dp_group)
+    return torch.cat([p[: int(s.item())] for p, s in zip(pieces, sizes)])
