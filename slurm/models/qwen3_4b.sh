@@ -1,0 +1,49 @@
+# shellcheck shell=bash disable=SC2034  # sourced: the variables are read by the caller
+# Qwen/Qwen3-4B (Qwen3ForCausalLM), both sides of the pair Qwen3-4B (non-thinking teacher)
+# -> Qwen3-4B-Base (student); Qwen/Qwen3-4B-Base has the same architecture (its
+# config.json says max_position_embeddings 32768).
+#
+# Architecture facts copied from the model's HF config.json. The conversion tools read
+# config.json themselves; these document the model and give the sbatch scripts their
+# default layout. All models here share the Qwen2 tokenizer and a padded vocabulary of
+# 151936 rows, which on-policy distillation needs (teacher and student score the same ids).
+
+HF_REPO=Qwen/Qwen3-4B
+HF_ARCHITECTURE=Qwen3ForCausalLM
+NUM_LAYERS=36                   # num_hidden_layers
+HIDDEN_SIZE=2560                # hidden_size
+FFN_HIDDEN_SIZE=9728            # intermediate_size (SwiGLU)
+NUM_ATTENTION_HEADS=32          # num_attention_heads
+NUM_KV_HEADS=8                  # num_key_value_heads (GQA query groups)
+HEAD_DIM=128                    # head_dim
+VOCAB_SIZE=151936               # vocab_size (embedding rows; the tokenizer has fewer ids)
+ROPE_THETA=1000000              # rope_theta
+RMS_NORM_EPS=1e-6               # rms_norm_eps
+MAX_POSITION_EMBEDDINGS=40960   # max_position_embeddings
+TIE_WORD_EMBEDDINGS=true        # tie_word_embeddings
+QK_LAYERNORM=true               # per-head RMSNorm on q and k (Qwen3)
+QKV_BIAS=false                  # bias on the q/k/v projections (Qwen2)
+
+# Default layout on 8 x H100 80GB (bf16); the scripts let TP/PP override them.
+MODEL_TP=1
+MODEL_PP=1
+
+# The same facts as Megatron-LM flags, for tools that take them (pretrain_gpt.py style).
+MODEL_ARGS=(
+  --swiglu
+  --normalization RMSNorm
+  --norm-epsilon 1e-6
+  --position-embedding-type rope
+  --rotary-base 1000000
+  --num-layers 36
+  --hidden-size 2560
+  --ffn-hidden-size 9728
+  --num-attention-heads 32
+  --group-query-attention
+  --num-query-groups 8
+  --kv-channels 128
+  --vocab-size 151936
+  --max-position-embeddings 40960
+  --disable-bias-linear
+  --qk-layernorm
+)
