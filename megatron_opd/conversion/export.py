@@ -1,0 +1,140 @@
+"""Write a (distributed) Megatron model as an HF checkpoint that transformers loads.
+
+Only the data-parallel replica 0 takes part. Per parameter, the TP ranks of a stage
+all-gather their shards and TP rank 0 turns them into HF tensors with the family's
+mapping; stages other than the first send those tensors, one at a time, to global rank
+0 over the pipeline group. Rank 0 streams them into bounded safetensors shards, so no
+rank ever holds the whole model. Output is atomic: ``<out>.tmp-<pid>`` renamed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_opd.conversion.families import mappings_for, match
+from megatron_opd.conversion.hf_io import (
+    ShardedSafetensorsWriter,
+    atomic_output_dir,
+    copy_tokenizer_files,
+)
+from megatron_opd.conversion.hf_loader import layer_offset, model_tensors
+from megatron_opd.distributed import ParallelGroups
+from megatron_opd.models.hf_config import ModelInfo
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _hf_tensors_of_stage(chunks, info: ModelInfo, groups: ParallelGroups, dtype):
+    """Yield (HF name, full tensor) for this stage; only TP rank 0 gets non-empty items."""
+    mappings = mappings_for(info)
+    for chunk in chunks:
+        offset = layer_offset(chunk)
+        for name, param in model_tensors(chunk).items():
+            found = match(mappings, name, offset)
+            assert found is not None, f"no HF mapping for Megatron parameter {name}"
+            mapping, hf_names = found
+            if name.startswith("output_layer.") and info.tie_word_embeddings:
+                continue  # the tied copy on the last stage; HF stores only the embedding
+            local = param.detach()
+            if groups.tp_size > 1:
+                shards = [torch.empty_like(local) for _ in range(groups.tp_size)]
+                dist.all_gather(shards, local.contiguous(), group=groups.tp_group)
+            else:
+                shards = [local]
+            if groups.tp_rank == 0:
+                for hf_name, tensor in mapping.to_hf(shards, hf_names, info).items():
+                    yield hf_name, tensor.to(dtype or tensor.dtype).contiguous()
+
+
+def _stream_to_rank0(chunks, info, groups: ParallelGroups, dtype, sink) -> None:
+    """Send every stage's HF tensors to global rank 0, where ``sink(name, tensor)`` runs."""
+    pp_ranks = groups.pp_global_ranks
+    for stage in range(groups.pp_size):
+        if stage == groups.pp_rank:
+            for hf_name, tensor in _hf_tensors_of_stage(chunks, info, groups, dtype):
+                if groups.pp_rank == 0:
+                    sink(hf_name, tensor)
+                else:
+                    meta = [(hf_name, tuple(tensor.shape), tensor.dtype)]
+                    dist.send_object_list(meta, dst=pp_ranks[0], group=groups.pp_group)
+                    dist.send(tensor, dst=pp_ranks[0], group=groups.pp_group)
+            if groups.pp_rank != 0 and groups.tp_rank == 0:
+                dist.send_object_list([None], dst=pp_ranks[0], group=groups.pp_group)
+        elif groups.pp_rank == 0 and groups.tp_rank == 0:
+            while True:
+                meta = [None]
+                dist.recv_object_list(meta, src=pp_ranks[stage], group=groups.pp_group)
+                if meta[0] is None:
+                    break
+                hf_name, shape, tensor_dtype = meta[0]
+                tensor = torch.empty(shape, dtype=tensor_dtype)
+                dist.recv(tensor, src=pp_ranks[stage], group=groups.pp_group)
+                sink(hf_name, tensor)
+
+
+def write_hf_config_files(info: ModelInfo, out_dir: Path, dtype: torch.dtype) -> None:
+    """config.json (the source's, with the dtype of the weights) and generation_config.json."""
+    config = dict(info.hf_config)
+    name = _DTYPE_NAMES.get(dtype, "float32")
+    config["torch_dtype"] = name
+    if "dtype" in config:
+        config["dtype"] = name
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    source = Path(info.hf_dir) / "generation_config.json" if info.hf_dir else None
+    if source is not None and source.is_file():
+        shutil.copy2(source, out_dir / "generation_config.json")
+    else:
+        generation = {
+            key: config[key]
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id")
+            if config.get(key) is not None
+        }
+        generation["transformers_version"] = config.get("transformers_version", "")
+        (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+@torch.no_grad()
+def export_hf_from_model(
+    model_chunks: list[torch.nn.Module] | torch.nn.Module,
+    out_dir: str | Path,
+    info: ModelInfo,
+    groups: ParallelGroups,
+    tokenizer_dir: str | Path | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 1024**3,
+    overwrite: bool = False,
+) -> Path | None:
+    """Collective over all ranks: write the model as an HF directory ``out_dir``.
+
+    ``dtype`` None keeps the parameters' dtype. Tokenizer files are copied from
+    ``tokenizer_dir`` (default: the directory the config came from). Returns the path on
+    global rank 0, None elsewhere.
+    """
+    chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
+    out_dir = Path(out_dir)
+    if dtype is None:
+        dtype = next(chunks[0].parameters()).dtype
+    error = [None]
+    if groups.rank == 0 and out_dir.exists() and not overwrite:
+        error[0] = f"output directory {out_dir} already exists; remove it or pass overwrite"
+    dist.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise ValueError(error[0])
+    if groups.dp_rank == 0:
+        if groups.rank == 0:
+            with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+                writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes)
+                _stream_to_rank0(chunks, info, groups, dtype, writer.add)
+                writer.close()
+                write_hf_config_files(info, tmp, dtype)
+                copy_tokenizer_files(tokenizer_dir or info.hf_dir, tmp)
+        else:
+            _stream_to_rank0(chunks, info, groups, dtype, sink=None)
+    dist.barrier()
+    return out_dir if groups.rank == 0 else None
