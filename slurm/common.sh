@@ -18,20 +18,17 @@
 #   CONTAINER_MOUNTS    pyxis mounts                                 (default: REPO_DIR on itself)
 #   EXTRA_SRUN_ARGS     more srun flags, word-split                  (e.g. "--cpu-bind=none")
 
-REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
-if [ ! -f "$REPO_DIR/slurm/common.sh" ]; then
-  echo "slurm/common.sh: REPO_DIR=$REPO_DIR is not a megatron_opd checkout;" \
-    "submit from the repository root or export REPO_DIR" >&2
-  exit 2
-fi
+# The sbatch scripts set REPO_DIR (default: the submit directory) before sourcing this.
+: "${REPO_DIR:?set REPO_DIR to the megatron_opd checkout}"
 : "${SLURM_JOB_ID:?run this script with sbatch (SLURM_JOB_ID is not set)}"
 : "${SLURM_JOB_NODELIST:?run this script with sbatch (SLURM_JOB_NODELIST is not set)}"
 
 # shellcheck source=env.sh
 source "$REPO_DIR/slurm/env.sh"
 
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
-export MASTER_ADDR
+# Not `| head -n1`: with pipefail, scontrol may die of SIGPIPE and fail the job.
+mapfile -t OPD_JOB_HOSTS < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+export MASTER_ADDR=${OPD_JOB_HOSTS[0]:?scontrol show hostnames returned no host}
 export MASTER_PORT=${MASTER_PORT:-$((29500 + SLURM_JOB_ID % 1000))}
 NUM_NODES=${SLURM_NNODES:-1}
 # SLURM_GPUS_ON_NODE is set when the job asked for GPUs (--gpus-per-node / --gres).

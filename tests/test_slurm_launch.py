@@ -1,9 +1,11 @@
 """A real sbatch job on the local Slurm: 2 tasks, TP=2, launched by srun without torchrun.
 
-The job (tests/slurm_jobs/tp_check.sbatch + tp_check.py) initialises megatron_opd's process
+The first job (tests/slurm_jobs/tp_check.sbatch + tp_check.py) initialises megatron_opd's process
 groups from the SLURM_* variables, all-reduces over the TP group and computes a
 vocab-parallel cross-entropy over the two vocabulary shards. This test recomputes the
 loss over the full vocabulary in its own process and checks both ranks' printed results.
+The second job is the production slurm/train_opd.sbatch, scaled to 2 CPU tasks, with the
+CLI replaced by a printer: it checks the srun line and the launch layout each task reads.
 
 Needs a running cluster: `tools/local_slurm/start.sh` (CI runs it before pytest). Without
 `sbatch` on PATH or a reachable controller the test is skipped with the reason.
@@ -19,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -66,38 +69,113 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run_job(env: dict[str, str], output: Path, *args: str) -> str:
-    """Submit, poll squeue until the job leaves the queue, return its final state line."""
+@dataclass(frozen=True)
+class SubmittedJob:
+    """A job in the queue and the file its output goes to."""
+
+    job_id: str
+    output: Path
+
+    def wait(self, env: dict[str, str]) -> tuple[str, str]:
+        """Poll squeue until the job leaves the queue; return (scontrol record, output)."""
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while True:
+            queued = subprocess.run(
+                ["squeue", "-h", "-j", self.job_id, "-o", "%T"],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            if not queued.stdout.strip():
+                break
+            if time.monotonic() > deadline:
+                subprocess.run(["scancel", self.job_id], env=env)
+                pytest.fail(
+                    f"job {self.job_id} still {queued.stdout.strip()} after "
+                    f"{JOB_TIMEOUT_S}s:\n{self.log()}"
+                )
+            time.sleep(POLL_INTERVAL_S)
+        record = subprocess.run(
+            ["scontrol", "-o", "show", "job", self.job_id],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return record, self.log()
+
+    def log(self) -> str:
+        return self.output.read_text() if self.output.exists() else "<no output file>"
+
+
+def _submit(env: dict[str, str], output: Path, *args: str) -> SubmittedJob:
+    """sbatch from the repository root, as a user would (SLURM_SUBMIT_DIR = the checkout)."""
     submitted = subprocess.run(
-        ["sbatch", "--parsable", f"--output={output}", f"--chdir={output.parent}", *args],
+        ["sbatch", "--parsable", f"--output={output}", *args],
         env=env,
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=30,
         check=True,
     )
-    job_id = submitted.stdout.strip().split(";")[0]
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while True:
-        queued = subprocess.run(
-            ["squeue", "-h", "-j", job_id, "-o", "%T"], env=env, capture_output=True, text=True
-        )
-        if not queued.stdout.strip():
-            break
-        if time.monotonic() > deadline:
-            subprocess.run(["scancel", job_id], env=env)
-            log = output.read_text() if output.exists() else "<no output file>"
-            pytest.fail(
-                f"job {job_id} still {queued.stdout.strip()} after {JOB_TIMEOUT_S}s:\n{log}"
-            )
-        time.sleep(POLL_INTERVAL_S)
+    return SubmittedJob(job_id=submitted.stdout.strip().split(";")[0], output=output)
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    """Both jobs, submitted together: they run side by side on the 4 advertised CPUs."""
+    env = _slurm_env_or_skip()
+    env.update(OMP_NUM_THREADS="1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MODEL"):
+        env.pop(name, None)
+    out_dir = tmp_path_factory.mktemp("slurm_jobs")
+    tp_env = dict(env, PYTHON=sys.executable, MASTER_PORT=str(_free_port()))
+    tp_check = _submit(
+        tp_env,
+        out_dir / "tp_check.out",
+        str(JOB_DIR / "tp_check.sbatch"),
+        str(JOB_DIR / "tp_check.py"),
+    )
+    # The production script with the CLI replaced by a printer, scaled to 2 CPU tasks.
+    train_env = dict(
+        env,
+        CONFIG="examples/recipe.yaml",
+        MODEL="qwen3_8b",
+        TASKS_PER_NODE="2",
+        OPD_LAUNCHER=f"{sys.executable} {JOB_DIR / 'print_launch.py'}",
+    )
+    train = _submit(
+        train_env,
+        out_dir / "train_opd.out",
+        "--ntasks-per-node=2",
+        "--cpus-per-task=1",
+        "--gpus-per-node=0",
+        "--exclusive=user",  # the header asks for whole nodes; share with tp_check
+        "slurm/train_opd.sbatch",
+        "trainer.max_steps=3",
+    )
+    return {"env": env, "tp_check": tp_check, "train": train}
+
+
+def _tagged_records(log: str, tag: str) -> dict[int, dict]:
+    """JSON records printed as '<tag> {...}', keyed by srun's --label task id."""
+    records = {}
+    for line in log.splitlines():
+        task, _, text = line.partition(": ")
+        if text.startswith(tag + " "):
+            records[int(task)] = json.loads(text.removeprefix(tag + " "))
+    return records
+
+
+def _first_host(env: dict[str, str], record: str) -> str:
     return subprocess.run(
-        ["scontrol", "-o", "show", "job", job_id],
+        ["scontrol", "show", "hostnames", _field(record, "NodeList")],
         env=env,
         capture_output=True,
         text=True,
         check=True,
-    ).stdout
+    ).stdout.split()[0]
 
 
 def _full_vocab_cross_entropy() -> torch.Tensor:
@@ -115,31 +193,15 @@ def _field(record: str, name: str) -> str:
     return next(part.split("=", 1)[1] for part in record.split() if part.startswith(name + "="))
 
 
-def test_two_task_sbatch_job_runs_tp_collectives(tmp_path):
-    env = _slurm_env_or_skip()
-    env.update(PYTHON=sys.executable, MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
-    output = tmp_path / "tp_check.out"
-    record = _run_job(env, output, str(JOB_DIR / "tp_check.sbatch"), str(JOB_DIR / "tp_check.py"))
-    log = output.read_text() if output.exists() else "<no output file>"
+def test_two_task_sbatch_job_runs_tp_collectives(jobs):
+    env = jobs["env"]
+    record, log = jobs["tp_check"].wait(env)
     assert _field(record, "JobState") == "COMPLETED", log
     assert _field(record, "ExitCode") == "0:0", log
-
-    # srun --label prefixes each line with the task id.
-    results = {}
-    for line in log.splitlines():
-        task, _, text = line.partition(": ")
-        if text.startswith("RESULT "):
-            results[int(task)] = json.loads(text.removeprefix("RESULT "))
+    results = _tagged_records(log, "RESULT")
     assert sorted(results) == [0, 1], log
 
-    first_host = subprocess.run(
-        ["scontrol", "show", "hostnames", _field(record, "NodeList")],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()[0]
-
+    first_host = _first_host(env, record)
     expected_loss = _full_vocab_cross_entropy()
     for task, result in results.items():
         assert result["python"] == sys.executable
@@ -153,3 +215,24 @@ def test_two_task_sbatch_job_runs_tp_collectives(tmp_path):
         torch.testing.assert_close(
             torch.tensor(result["vocab_parallel_ce"]), expected_loss, rtol=1e-5, atol=1e-5
         )
+
+
+def test_train_sbatch_under_real_srun(jobs):
+    env = jobs["env"]
+    record, log = jobs["train"].wait(env)
+    assert _field(record, "JobState") == "COMPLETED", log
+    launches = _tagged_records(log, "LAUNCH")
+    assert sorted(launches) == [0, 1], log
+    job_id = int(jobs["train"].job_id)
+    for task, launch in launches.items():
+        assert launch["argv"] == [
+            "train",
+            "--config",
+            "examples/recipe.yaml",
+            "parallel.tensor_parallel_size=2",
+            "parallel.pipeline_parallel_size=1",
+            "trainer.max_steps=3",
+        ]
+        assert (launch["rank"], launch["local_rank"], launch["world_size"]) == (task, task, 2)
+        assert launch["master_addr"] == _first_host(env, record)
+        assert launch["master_port"] == 29500 + job_id % 1000
