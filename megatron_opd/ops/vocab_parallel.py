@@ -87,8 +87,14 @@ def _local_columns(global_ids: torch.Tensor, shard: VocabShard):
 # top-K (no gradient)
 
 
-def _topk_impl(flat: torch.Tensor, shard: VocabShard, k: int, temperature: float,
-               chunk_tokens: int, with_logsumexp: bool):  # fmt: skip
+def _topk_impl(
+    flat: torch.Tensor,
+    shard: VocabShard,
+    k: int,
+    temperature: float,
+    chunk_tokens: int,
+    with_logsumexp: bool,
+):
     num_tokens = flat.shape[0]
     dtype = compute_dtype(flat.dtype)
     values = torch.empty(num_tokens, k, dtype=dtype, device=flat.device)
@@ -150,11 +156,13 @@ def vocab_parallel_topk(
         logits sorted descending, ties broken toward the lower id (as a stable descending
         sort of the full vocabulary would). No gradient.
     """
-    shard = make_shard(logits, tp_group, vocab_size=vocab_size, temperature=temperature,
-                       chunk_size=chunk_size, k=k)  # fmt: skip
+    shard = make_shard(
+        logits, tp_group, vocab_size=vocab_size, temperature=temperature, chunk_size=chunk_size, k=k
+    )
     flat = logits.detach().reshape(-1, shard.local_size)
-    values, ids, _, bad = _topk_impl(flat, shard, k, float(temperature),
-                                     chunk_tokens_for(chunk_size, shard.local_size), False)  # fmt: skip
+    values, ids, _, bad = _topk_impl(
+        flat, shard, k, float(temperature), chunk_tokens_for(chunk_size, shard.local_size), False
+    )
     raise_if_nonfinite(bad, "logits", shard)
     lead = logits.shape[:-1]
     return values.view(*lead, k), ids.view(*lead, k)
@@ -180,11 +188,13 @@ def vocab_parallel_topk_log_probs(
         :func:`vocab_parallel_topk`. No gradient (use :func:`vocab_parallel_log_probs` at
         these ids for a differentiable loss).
     """
-    shard = make_shard(logits, tp_group, vocab_size=vocab_size, temperature=temperature,
-                       chunk_size=chunk_size, k=k)  # fmt: skip
+    shard = make_shard(
+        logits, tp_group, vocab_size=vocab_size, temperature=temperature, chunk_size=chunk_size, k=k
+    )
     flat = logits.detach().reshape(-1, shard.local_size)
-    values, ids, lse, bad = _topk_impl(flat, shard, k, float(temperature),
-                                       chunk_tokens_for(chunk_size, shard.local_size), True)  # fmt: skip
+    values, ids, lse, bad = _topk_impl(
+        flat, shard, k, float(temperature), chunk_tokens_for(chunk_size, shard.local_size), True
+    )
     raise_if_nonfinite(bad, "logits", shard)
     lead = logits.shape[:-1]
     return (values - lse[:, None]).view(*lead, k), ids.view(*lead, k), lse.view(lead)
@@ -213,10 +223,24 @@ def topk_overlap(
         :func:`vocab_parallel_topk` order) is among the teacher's top-``k``. A caller that
         already has both id sets uses :func:`topk_membership` instead.
     """
-    student = make_shard(student_logits, tp_group, name="student_logits", vocab_size=vocab_size,
-                         temperature=temperature, chunk_size=chunk_size, k=k)  # fmt: skip
-    make_shard(teacher_logits, tp_group, name="teacher_logits", vocab_size=vocab_size,
-               temperature=temperature, chunk_size=chunk_size, k=k)  # fmt: skip
+    student = make_shard(
+        student_logits,
+        tp_group,
+        name="student_logits",
+        vocab_size=vocab_size,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        k=k,
+    )
+    make_shard(
+        teacher_logits,
+        tp_group,
+        name="teacher_logits",
+        vocab_size=vocab_size,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        k=k,
+    )
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student_logits {tuple(student_logits.shape)} and teacher_logits "
@@ -394,10 +418,16 @@ def vocab_parallel_gather(
         lands on the shard that owns its id only. Reads ``n`` values per token (no pass
         over the shard); communicates ``n`` values per token.
     """
-    shard = make_shard(logits, tp_group, vocab_size=vocab_size, temperature=temperature,
-                       chunk_size=None, global_ids=global_ids)  # fmt: skip
+    shard = make_shard(
+        logits,
+        tp_group,
+        vocab_size=vocab_size,
+        temperature=temperature,
+        chunk_size=None,
+        global_ids=global_ids,
+    )
     flat = logits.reshape(-1, shard.local_size)
-    ids = global_ids.reshape(flat.shape[0], -1).long()
+    ids = global_ids.reshape(flat.shape[0], global_ids.shape[-1]).long()
     picked = _VocabParallelGather.apply(flat, ids, shard, float(temperature))
     return picked.view(global_ids.shape)
 
@@ -415,12 +445,14 @@ def vocab_parallel_logsumexp(
     ``logits`` is ``[..., V_local]``; the result is identical on every rank.
     Communicates ``2 * TP`` values per token.
     """
-    shard = make_shard(logits, tp_group, vocab_size=vocab_size, temperature=temperature,
-                       chunk_size=chunk_size)  # fmt: skip
+    shard = make_shard(
+        logits, tp_group, vocab_size=vocab_size, temperature=temperature, chunk_size=chunk_size
+    )
     flat = logits.reshape(-1, shard.local_size)
     no_ids = torch.empty(flat.shape[0], 0, dtype=torch.long, device=flat.device)
-    _, lse = _VocabParallelLogSoftmax.apply(flat, no_ids, shard, float(temperature),
-                                           chunk_tokens_for(chunk_size, shard.local_size))  # fmt: skip
+    _, lse = _VocabParallelLogSoftmax.apply(
+        flat, no_ids, shard, float(temperature), chunk_tokens_for(chunk_size, shard.local_size)
+    )
     return lse.view(logits.shape[:-1])
 
 
@@ -444,12 +476,19 @@ def vocab_parallel_log_probs(
     Communicates ``(n + 2) * TP`` values per token; one pass over the shard forward and
     one backward (the softmax is recomputed per chunk, not stored).
     """
-    shard = make_shard(logits, tp_group, vocab_size=vocab_size, temperature=temperature,
-                       chunk_size=chunk_size, global_ids=global_ids)  # fmt: skip
+    shard = make_shard(
+        logits,
+        tp_group,
+        vocab_size=vocab_size,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        global_ids=global_ids,
+    )
     flat = logits.reshape(-1, shard.local_size)
-    ids = global_ids.reshape(flat.shape[0], -1).long()
-    picked, lse = _VocabParallelLogSoftmax.apply(flat, ids, shard, float(temperature),
-                                                 chunk_tokens_for(chunk_size, shard.local_size))  # fmt: skip
+    ids = global_ids.reshape(flat.shape[0], global_ids.shape[-1]).long()
+    picked, lse = _VocabParallelLogSoftmax.apply(
+        flat, ids, shard, float(temperature), chunk_tokens_for(chunk_size, shard.local_size)
+    )
     return (picked - lse[:, None]).view(global_ids.shape)
 
 
@@ -465,9 +504,11 @@ def vocab_parallel_entropy(
 
     Differentiable; communicates ``3 * TP`` values per token.
     """
-    shard = make_shard(logits, tp_group, vocab_size=vocab_size, temperature=temperature,
-                       chunk_size=chunk_size)  # fmt: skip
+    shard = make_shard(
+        logits, tp_group, vocab_size=vocab_size, temperature=temperature, chunk_size=chunk_size
+    )
     flat = logits.reshape(-1, shard.local_size)
-    entropy = _VocabParallelEntropy.apply(flat, shard, float(temperature),
-                                          chunk_tokens_for(chunk_size, shard.local_size))  # fmt: skip
+    entropy = _VocabParallelEntropy.apply(
+        flat, shard, float(temperature), chunk_tokens_for(chunk_size, shard.local_size)
+    )
     return entropy.view(logits.shape[:-1])
