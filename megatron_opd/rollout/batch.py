@@ -54,6 +54,10 @@ class RolloutBatch:
     student_topk_log_probs: torch.Tensor | None = None
     """``[b, s, k]`` float32: the student's log-probs at ``student_topk_ids``."""
 
+    student_sampled_log_probs: torch.Tensor | None = None
+    """``[b, s]`` float32: the scoring pass's (eval-mode, no KV cache) student log-prob of
+    ``tokens[:, t]`` at temperature 1; equals ``sampled_log_probs`` up to float error."""
+
     teacher_topk_ids: torch.Tensor | None = None
     """``[b, s, k]`` int64: the teacher's top-K ids."""
 

@@ -1,0 +1,204 @@
+"""Online stop: score every generated chunk with the teacher and stop hopeless samples.
+
+The :class:`ChunkScorer` is the :class:`~megatron_opd.rollout.engine.ChunkListener` of
+Prune-OPD's per-sample early stop (PRUNE_OPD.md section 5.1). It keeps the teacher's own
+KV cache next to the student's: at the start of a generation micro-batch it prefills the
+teacher with the same left-padded prompts, then feeds each new chunk of ``c`` tokens as
+one chunked-prefill forward (explicit ``[r, 1, c, offset + c]`` mask: causal inside the
+chunk, pad keys hidden), so the teacher never recomputes a prefix.
+
+Alignment: the teacher's distribution for the chunk's token ``j`` comes from the logits at
+the previous position, so the chunk's predictions are ``[pending, logits[:, :c - 1]]``
+where ``pending`` is the last logits row of the previous forward (the prompt's last
+position for the first chunk). From these the scorer takes the teacher's top-K ids and
+log-probs with the vocabulary-parallel ops (Megatron's KV-cache path gathers logits over
+TP, so each rank passes its own vocabulary slice to the ops; the results equal the
+batch scorer's), forms the drift events of ``prune.metric`` against the student's top-K
+ids the engine recorded, and feeds them to an
+:class:`~megatron_opd.prune.online_stop.OnlineStopper`. The stopper's answer is decided
+on the last pipeline stage and broadcast over the pipeline group.
+
+The weights it accumulates equal those of scoring the finished rollout as a whole
+(:func:`~megatron_opd.scoring.score_rollouts` + ``reliability_weights``): same top-K op,
+same integer drift counts. :meth:`ChunkScorer.fill_batch` writes them into the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_opd.distributed import ParallelGroups
+from megatron_opd.ops.vocab_parallel import vocab_parallel_topk_log_probs
+from megatron_opd.prune.compat import drift_events
+from megatron_opd.prune.online_stop import OnlineStopper
+from megatron_opd.prune.weights import ReliabilityWeights
+from megatron_opd.rollout.batch import RolloutBatch
+from megatron_opd.rollout.engine import GenerationChunk, PromptBlock
+from megatron_opd.scoring import eval_without_sequence_parallel, forward_through_stages
+
+
+class ChunkScorer:
+    """Teacher scoring chunk by chunk, driving an OnlineStopper (a ChunkListener)."""
+
+    def __init__(
+        self,
+        teacher: torch.nn.Module,
+        groups: ParallelGroups,
+        prune_config,
+        *,
+        vocab_size: int | None = None,
+    ) -> None:
+        """
+        Args:
+            teacher: this stage's teacher GPTModel (same pipeline layout as the student).
+            groups: this rank's groups.
+            prune_config: the ``prune`` section (:class:`~megatron_opd.config.prune.
+                PruneConfig`): metric, threshold, top_k, weights and stop rules.
+            vocab_size: real vocabulary size (padding ids never enter a top-K).
+        """
+        self.teacher = teacher
+        self.groups = groups
+        self.config = prune_config
+        self.vocab_size = vocab_size
+        self.student_top_k = int(prune_config.top_k)
+        self.stopper: OnlineStopper | None = None
+        self._overlap: dict[int, list[torch.Tensor]] = {}
+        self._context = None
+        self._rows: torch.Tensor | None = None
+        self._pending: torch.Tensor | None = None
+
+    def start(self, prompts: PromptBlock) -> None:
+        """Prefill the teacher with the block's prompts (a new call resets the stopper)."""
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        device = self.groups.platform.device
+        if self.stopper is None or int(prompts.sample_index.min()) == 0:
+            self.stopper = OnlineStopper.from_config(
+                prompts.num_samples, self.config, device=device
+            )
+            self._overlap = {}
+        tokens = prompts.prompt_tokens.to(device)
+        m, p = tokens.shape
+        total = p + prompts.max_new_tokens
+        pad = p - prompts.prompt_lengths.to(device)
+        columns = torch.arange(total, device=device)
+        self._key_valid = columns[None, :] >= pad[:, None]  # [m, total]
+        self._positions = (columns[None, :] - pad[:, None]).clamp(min=0)
+        self._sample_index = prompts.sample_index.to(device)
+        self._rows = torch.arange(m, device=device)  # block rows in the teacher's cache
+        self._context = StaticInferenceContext(m, total)
+        self._context.materialize_only_last_token_logits = False
+        self._pending = None
+        logits = self._forward(tokens)
+        if logits is not None:
+            self._pending = logits[:, -1:]
+
+    @torch.no_grad()
+    def _forward(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """Feed ``tokens [r, c]`` of the running rows after the cached prefix."""
+        context, rows = self._context, self._rows
+        offset = context.sequence_len_offset
+        c = tokens.shape[1]
+        query = torch.arange(offset, offset + c, device=tokens.device)
+        keys = torch.arange(offset + c, device=tokens.device)
+        future = keys[None, :] > query[:, None]  # [c, offset + c]
+        mask = future[None, None] | ~self._key_valid[rows, None, None, : offset + c]
+        with eval_without_sequence_parallel(self.teacher):
+            logits = forward_through_stages(
+                self.teacher,
+                tokens,
+                self._positions[rows, offset : offset + c],
+                mask,
+                self.groups,
+                inference_context=context,
+                runtime_gather_output=True,
+            )
+        context.increment_sequence_len_offset(c)
+        return logits
+
+    def on_chunk(self, chunk: GenerationChunk) -> torch.Tensor:
+        """Score the chunk, update the stopper; ``[r]`` bool rows to stop."""
+        groups, device = self.groups, self.groups.platform.device
+        block_ids = self._sample_index[self._rows]
+        if not torch.equal(block_ids, chunk.sample_index.to(device)):
+            raise ValueError(
+                "ChunkScorer got a chunk for rows "
+                f"{chunk.sample_index.tolist()} but its teacher cache holds {block_ids.tolist()};"
+                " pass the same ChunkScorer to every generate call from its start"
+            )
+        tokens = chunk.tokens.to(device)
+        logits = self._forward(tokens)
+        stop = torch.zeros(tokens.shape[0], dtype=torch.long, device=device)
+        if groups.is_last_stage:
+            predictions = torch.cat([self._pending, logits[:, :-1]], dim=1).float()
+            self._pending = logits[:, -1:]
+            stop = self._score(chunk, predictions).to(torch.long)
+        if groups.pp_size > 1:
+            dist.broadcast(stop, src=groups.last_stage_global_rank, group=groups.pp_group)
+        stop = stop.bool()
+        keep = ~(stop | chunk.finished.to(device))
+        if not bool(keep.all()):
+            for layer, (k, v) in self._context.key_value_memory_dict.items():
+                self._context.key_value_memory_dict[layer] = (k[:, keep], v[:, keep])
+            self._rows = self._rows[keep]
+            if self._pending is not None:
+                self._pending = self._pending[keep]
+        return stop
+
+    def _score(self, chunk: GenerationChunk, predictions: torch.Tensor) -> torch.Tensor:
+        """Teacher top-K of the chunk's predictions ``[r, c, V]``, drift events, stopper."""
+        groups, config = self.groups, self.config
+        start, end = groups.vocab_partition(predictions.shape[-1])
+        teacher_log_probs, teacher_ids, _ = vocab_parallel_topk_log_probs(
+            predictions[..., start:end],
+            self.student_top_k,
+            groups.tp_group,
+            vocab_size=self.vocab_size,
+        )
+        valid = chunk.valid_mask().to(predictions.device)
+        bad, overlap = drift_events(
+            metric=config.metric,
+            threshold=config.threshold,
+            valid_mask=valid,
+            student_topk_ids=chunk.student_topk_ids,
+            teacher_topk_ids=teacher_ids,
+            sampled_ids=chunk.tokens.to(predictions.device),
+            teacher_topk_log_probs=teacher_log_probs,
+        )
+        result = self.stopper.update(bad, valid, sample_index=chunk.sample_index)
+        if overlap is not None:
+            for row, sample in enumerate(chunk.sample_index.tolist()):
+                self._overlap.setdefault(sample, []).append(overlap[row, : int(chunk.lengths[row])])
+        if not config.online_stop:
+            return torch.zeros_like(result.should_stop)
+        return result.should_stop
+
+    def result(self) -> ReliabilityWeights:
+        """Weights so far in response coordinates (``[b, max response]``; last stage)."""
+        if self.stopper is None:
+            raise ValueError("ChunkScorer.result() before any generation")
+        return self.stopper.result()
+
+    def fill_batch(self, batch: RolloutBatch) -> RolloutBatch:
+        """Write ``weights``, ``loss_weights``, ``effective_lengths`` (and ``overlap_ratio``
+        for the overlap metric) into ``batch``'s layout, in place; last stage only."""
+        if not self.groups.is_last_stage:
+            return batch
+        weights = self.result()
+        b, s = batch.tokens.shape
+        device = batch.tokens.device
+        full_w = torch.zeros(b, s, dtype=torch.float32, device=device)
+        full_lw = torch.zeros_like(full_w)
+        full_overlap = torch.zeros_like(full_w)
+        for i in range(b):
+            start, n = int(batch.prompt_lengths[i]), int(batch.response_lengths[i])
+            full_w[i, start : start + n] = weights.weights[i, :n].to(device)
+            full_lw[i, start : start + n] = weights.loss_weights[i, :n].to(device)
+            if i in self._overlap:
+                full_overlap[i, start : start + n] = torch.cat(self._overlap[i])[:n].to(device)
+        batch.weights, batch.loss_weights = full_w, full_lw
+        batch.effective_lengths = weights.effective_length.to(device)
+        if self._overlap:
+            batch.overlap_ratio = full_overlap
+        return batch

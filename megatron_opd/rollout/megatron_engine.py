@@ -1,0 +1,331 @@
+"""Megatron-native rollouts: KV-cached batched sampling with the student's own GPTModel.
+
+Each generation micro-batch runs one prefill and then one decode step per new token,
+calling ``GPTModel.forward`` with a Megatron ``StaticInferenceContext`` that holds the
+keys and values of every layer (``[max_seq, rows, groups, head_dim]``), so a decode step
+feeds only the newest token of each running row and never recomputes the prefix.
+
+Ragged prompts are LEFT-padded to the longest prompt ``p`` so that all rows decode in
+lockstep at the same cache offset. Each row gets ``position_ids = column - pad`` (its
+real positions) and an explicit attention mask that hides the pad keys: ``causal |
+pad_key`` of shape ``[m, 1, p, p]`` at prefill and ``pad_key`` of shape ``[a, 1, 1,
+cur + 1]`` per decode step (no mask at all when no row is padded). Output is converted
+to the RolloutBatch's right-padded layout. Caveat: Transformer Engine's attention on GPU
+may apply its own causal / no-mask type and ignore a custom padding mask; validate the
+KV-cached result against recomputation once per layer spec (tests do it for the local
+spec).
+
+A row that emits an EOS id, reaches the token budget, or is stopped by the chunk
+listener leaves the running batch: its entries are dropped from the batch dimension of
+every layer's cache, so later steps cost only the rows still running.
+
+Parallelism (process groups come from :class:`ParallelGroups`, never from globals):
+
+- TP: Megatron's inference path gathers the logits over the TP group, so every TP rank
+  holds the same ``[a, V]`` logits; each rank samples with its own generator seeded
+  identically, giving identical tokens with no extra communication.
+- PP: each stage receives ``[s, a, h]`` hidden states from the previous stage, runs its
+  layers (with its own KV cache) and sends its output on; the last stage samples and
+  broadcasts the new tokens over the pipeline group, so every stage knows which rows
+  are still running. Sampled log-probs and student top-K ids live on the last stage
+  only (None elsewhere).
+
+Recorded log-probs are ``log_softmax`` of the raw (temperature 1, unfiltered) logits at
+the sampled id: the behaviour policy of the PPO ratio, whatever temperature / top-p the
+sampler used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_opd.config.rollout import RolloutConfig
+from megatron_opd.distributed import ParallelGroups
+from megatron_opd.ops.vocab_parallel import vocab_parallel_topk
+from megatron_opd.rollout.batch import RolloutBatch
+from megatron_opd.rollout.engine import ChunkListener, GenerationChunk, PromptBlock
+from megatron_opd.rollout.sampling import mask_vocab_padding, sample_next_tokens
+from megatron_opd.scoring import eval_without_sequence_parallel, forward_through_stages
+
+
+class MegatronRolloutEngine:
+    """KV-cached sampling with this stage's part of the student GPTModel."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        groups: ParallelGroups,
+        config: RolloutConfig,
+        *,
+        eos_token_ids: Sequence[int],
+        pad_id: int = 0,
+        vocab_size: int | None = None,
+    ) -> None:
+        """
+        Args:
+            model: this pipeline stage's GPTModel (the student; shared with training,
+                so a rollout always sees the current weights).
+            groups: the process groups of this rank.
+            config: the ``rollout`` section (engine must be ``megatron``).
+            eos_token_ids: ids that end a response (kept as its last token).
+            pad_id: id written right of every sequence in the RolloutBatch.
+            vocab_size: real vocabulary size; Megatron's padding ids above it are never
+                sampled (None: every logit column is a real id).
+        """
+        if config.engine != "megatron":
+            raise ValueError(
+                f"MegatronRolloutEngine needs rollout.engine='megatron', got {config.engine!r}"
+            )
+        self.model = model
+        self.groups = groups
+        self.config = config
+        self.eos_token_ids = torch.tensor(sorted(set(int(i) for i in eos_token_ids)))
+        self.pad_id = int(pad_id)
+        self.vocab_size = vocab_size
+        self.device = groups.platform.device
+
+    def sync_weights(self) -> None:
+        """Nothing to do: the engine samples from the training model itself."""
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        seed: int,
+        chunk_listener: ChunkListener | None = None,
+    ) -> RolloutBatch:
+        """Sample ``n_samples_per_prompt`` responses per prompt (see RolloutEngine)."""
+        num_new = self._check_call(prompts, max_new_tokens, chunk_listener)
+        n = self.config.n_samples_per_prompt
+        rows = [list(map(int, p)) for p in prompts for _ in range(n)]
+        prompt_index = torch.arange(len(prompts)).repeat_interleave(n)
+        mb = self.config.generation_batch_size or len(rows)
+        generator = torch.Generator(device=self.device).manual_seed(int(seed))
+
+        responses, log_probs = [], []
+        with eval_without_sequence_parallel(self.model):
+            for begin in range(0, len(rows), mb):
+                out = self._generate_block(
+                    rows[begin : begin + mb],
+                    torch.arange(begin, min(begin + mb, len(rows))),
+                    num_samples=len(rows),
+                    num_new=num_new,
+                    generator=generator,
+                    listener=chunk_listener,
+                )
+                responses.extend(out[0])
+                log_probs.extend(out[1])
+        return self._to_batch(rows, responses, log_probs, prompt_index)
+
+    def _check_call(self, prompts, max_new_tokens: int, listener) -> int:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("prompts must be a non-empty list of non-empty token id lists")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if listener is not None and self.config.chunk_size == 0:
+            raise ValueError(
+                "a chunk_listener was passed but rollout.chunk_size is 0; set "
+                "rollout.chunk_size > 0 to generate in chunks"
+            )
+        num_new = min(max_new_tokens, self.config.max_new_tokens)
+        longest = max(len(p) for p in prompts)
+        model_max = getattr(self.model, "max_sequence_length", None)
+        learned = getattr(self.model, "position_embedding_type", "") == "learned_absolute"
+        if learned and model_max is not None and longest + num_new > model_max:
+            raise ValueError(
+                f"longest prompt ({longest}) + max_new_tokens ({num_new}) exceeds the model's "
+                f"max_sequence_length {model_max} (learned absolute positions); lower "
+                "rollout.max_new_tokens or the data's max prompt length"
+            )
+        return num_new
+
+    @torch.no_grad()
+    def _generate_block(
+        self,
+        prompts: list[list[int]],
+        sample_index: torch.Tensor,
+        *,
+        num_samples: int,
+        num_new: int,
+        generator: torch.Generator,
+        listener: ChunkListener | None,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Generate one micro-batch; per row its response ids and (last stage) log-probs."""
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        groups, dev, cfg = self.groups, self.device, self.config
+        last_stage = groups.is_last_stage
+        m = len(prompts)
+        lengths = torch.tensor([len(p) for p in prompts], device=dev)
+        p = int(lengths.max())
+        total = p + num_new
+        tokens = torch.full((m, p), self.pad_id, dtype=torch.long, device=dev)
+        for i, prompt in enumerate(prompts):
+            tokens[i, p - len(prompt) :] = torch.tensor(prompt, device=dev)
+        pad = p - lengths
+        columns = torch.arange(total, device=dev)
+        key_valid = columns[None, :] >= pad[:, None]  # [m, total]
+        positions = (columns[None, :] - pad[:, None]).clamp(min=0)  # [m, total]
+        padded = bool((pad > 0).any())
+        eos = self.eos_token_ids.to(dev)
+
+        chunk_size = cfg.chunk_size if listener is not None else 0
+        top_k = int(listener.student_top_k) if listener is not None else 0
+        if listener is not None:
+            listener.start(
+                PromptBlock(
+                    sample_index=sample_index.to(dev),
+                    prompt_tokens=tokens.clone(),
+                    prompt_lengths=lengths.clone(),
+                    num_samples=num_samples,
+                    max_new_tokens=num_new,
+                )
+            )
+
+        out_tokens = torch.full((m, num_new), self.pad_id, dtype=torch.long, device=dev)
+        out_log_probs = torch.zeros(m, num_new, device=dev) if last_stage else None
+        out_topk = (
+            torch.zeros(m, num_new, top_k, dtype=torch.long, device=dev)
+            if last_stage and top_k
+            else None
+        )
+        response_lengths = torch.zeros(m, dtype=torch.long, device=dev)
+        running = torch.arange(m, device=dev)  # rows still in the KV cache, in cache order
+        chunk_rows, chunk_start = running, 0
+        done = torch.zeros(m, dtype=torch.bool, device=dev)
+
+        context = StaticInferenceContext(m, total)
+        causal = torch.ones(p, p, dtype=torch.bool, device=dev).triu(1)  # True = masked
+        next_ids = None
+        for step in range(num_new):
+            if step == 0:
+                mask = causal[None, None] | ~key_valid[:, None, None, :p] if padded else None
+                if mask is None:
+                    mask = causal[None, None]
+                inputs, pos = tokens, positions[:, :p]
+            else:
+                offset = context.sequence_len_offset
+                mask = ~key_valid[running, None, None, : offset + 1] if padded else None
+                inputs, pos = next_ids[:, None], positions[running, offset : offset + 1]
+            logits = forward_through_stages(
+                self.model,
+                inputs,
+                pos,
+                mask,
+                groups,
+                inference_context=context,
+                runtime_gather_output=True,
+            )
+            context.increment_sequence_len_offset(inputs.shape[1])
+            if step == 0:
+                context.enable_decode_mode()
+
+            if last_stage:
+                raw = mask_vocab_padding(logits[:, -1].float(), self.vocab_size)  # [a, V]
+                next_ids = sample_next_tokens(
+                    raw, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator
+                )
+                log_softmax = raw.log_softmax(dim=-1)
+                out_log_probs[running, step] = log_softmax.gather(1, next_ids[:, None])[:, 0]
+                if out_topk is not None:
+                    # The ops' exact top-K (ties to the lower id) matches scoring's choice.
+                    out_topk[running, step] = vocab_parallel_topk(
+                        logits[:, -1].float(), top_k, None, vocab_size=self.vocab_size
+                    )[1]
+            else:
+                next_ids = torch.empty(running.numel(), dtype=torch.long, device=dev)
+            if groups.pp_size > 1:
+                dist.broadcast(next_ids, src=groups.last_stage_global_rank, group=groups.pp_group)
+            out_tokens[running, step] = next_ids
+            response_lengths[running] += 1
+            finished = torch.isin(next_ids, eos) | (step + 1 == num_new)
+            done[running[finished]] = True
+            keep = ~finished
+
+            chunk_len = step + 1 - chunk_start
+            if chunk_size and (chunk_len == chunk_size or bool(finished.all())):
+                stop = self._call_listener(
+                    listener, chunk_rows, chunk_start, step + 1, out_tokens, response_lengths,
+                    done, out_topk, sample_index,
+                )  # fmt: skip
+                stopped_rows = set(chunk_rows[stop].tolist())
+                keep &= torch.tensor(
+                    [r not in stopped_rows for r in running.tolist()], device=dev, dtype=torch.bool
+                )
+                chunk_start = step + 1
+                chunk_rows = running[keep]
+            if not bool(keep.any()):
+                break
+            if not bool(keep.all()):
+                for layer, (k, v) in context.key_value_memory_dict.items():
+                    context.key_value_memory_dict[layer] = (k[:, keep], v[:, keep])
+                running, next_ids = running[keep], next_ids[keep]
+
+        responses = [out_tokens[i, : response_lengths[i]] for i in range(m)]
+        if out_log_probs is None:
+            return responses, [None] * m
+        return responses, [out_log_probs[i, : response_lengths[i]] for i in range(m)]
+
+    def _call_listener(
+        self,
+        listener: ChunkListener,
+        chunk_rows: torch.Tensor,
+        start: int,
+        end: int,
+        out_tokens: torch.Tensor,
+        response_lengths: torch.Tensor,
+        done: torch.Tensor,
+        out_topk: torch.Tensor | None,
+        sample_index: torch.Tensor,
+    ) -> torch.Tensor:
+        chunk = GenerationChunk(
+            sample_index=sample_index.to(self.device)[chunk_rows],
+            start=start,
+            tokens=out_tokens[chunk_rows, start:end].clone(),
+            lengths=(response_lengths[chunk_rows] - start).clamp(min=0),
+            finished=done[chunk_rows].clone(),
+            student_topk_ids=None if out_topk is None else out_topk[chunk_rows, start:end],
+        )
+        stop = listener.on_chunk(chunk)
+        if stop.shape != (chunk_rows.numel(),):
+            raise ValueError(
+                f"chunk_listener.on_chunk must return a [{chunk_rows.numel()}] bool tensor "
+                f"(one per chunk row), got shape {tuple(stop.shape)}"
+            )
+        return stop.to(self.device, torch.bool)
+
+    def _to_batch(
+        self,
+        rows: list[list[int]],
+        responses: list[torch.Tensor],
+        log_probs: list[torch.Tensor | None],
+        prompt_index: torch.Tensor,
+    ) -> RolloutBatch:
+        """Right-padded RolloutBatch layout (prompt at column 0)."""
+        dev = self.device
+        prompt_lengths = torch.tensor([len(r) for r in rows], dtype=torch.long, device=dev)
+        response_lengths = torch.tensor(
+            [int(r.numel()) for r in responses], dtype=torch.long, device=dev
+        )
+        seq = int((prompt_lengths + response_lengths).max())
+        tokens = torch.full((len(rows), seq), self.pad_id, dtype=torch.long, device=dev)
+        has_log_probs = log_probs and log_probs[0] is not None
+        sampled = torch.zeros(len(rows), seq, device=dev) if has_log_probs else None
+        for i, (prompt, response) in enumerate(zip(rows, responses)):
+            start, end = len(prompt), len(prompt) + response.numel()
+            tokens[i, :start] = torch.tensor(prompt, device=dev)
+            tokens[i, start:end] = response
+            if sampled is not None:
+                sampled[i, start:end] = log_probs[i]
+        return RolloutBatch(
+            tokens=tokens,
+            prompt_lengths=prompt_lengths,
+            response_lengths=response_lengths,
+            pad_id=self.pad_id,
+            sampled_log_probs=sampled,
+            prompt_index=prompt_index.to(dev),
+        )

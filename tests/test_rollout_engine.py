@@ -1,0 +1,350 @@
+"""Megatron-native rollout engine, batch scoring and chunked online stop on gloo (CPU).
+
+References are independent of the code under test: a TP=1 PP=1 model with the same
+weights (tests/test_rollout_models.py), run one unpadded row at a time with a full
+recomputation per token (no KV cache, no padding mask, no row dropping) and plain
+full-vocabulary torch ops. Layouts: TP=1 (one process), TP=2 and PP=2 (two processes).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_rollout_models import VOCAB_SIZE, build_tiny_gpt, full_logits
+
+from megatron_opd.rollout.sampling import sample_next_tokens
+from megatron_opd.testing.multiprocess import run_distributed
+
+PROMPTS = [[5, 17, 33, 2, 9, 41, 7], [101, 3, 64], [12, 200, 48, 91, 6], [77]]
+NUM_NEW = 10
+STUDENT_SEED, TEACHER_NOISE_SEED = 11, 12
+TOP_K = 8
+TAU, W_DROP = 0.75, 0.34
+SAMPLED = dict(temperature=1.0, top_p=0.9, n=2, seed=7, generation_batch_size=3)
+
+
+def _models(groups):
+    student = build_tiny_gpt(groups, seed=STUDENT_SEED)
+    teacher = build_tiny_gpt(
+        groups, seed=STUDENT_SEED, noise_seed=TEACHER_NOISE_SEED, noise_scale=0.12
+    )
+    return student, teacher
+
+
+def _scoring_batch():
+    """A fixed ragged batch (not from the engine) for the scoring comparison."""
+    from megatron_opd.rollout.batch import RolloutBatch
+
+    generator = torch.Generator().manual_seed(3)
+    prompt_lengths = torch.tensor([4, 1, 6, 3, 2])
+    response_lengths = torch.tensor([6, 9, 2, 5, 1])
+    seq = int((prompt_lengths + response_lengths).max())
+    tokens = torch.zeros(5, seq, dtype=torch.long)
+    for i in range(5):
+        n = int(prompt_lengths[i] + response_lengths[i])
+        tokens[i, :n] = torch.randint(1, VOCAB_SIZE, (n,), generator=generator)
+    return RolloutBatch(
+        tokens=tokens, prompt_lengths=prompt_lengths, response_lengths=response_lengths
+    )
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def _reference_generate(model, *, eos, temperature, top_p, n, seed, generation_batch_size):
+    rows = [list(p) for p in PROMPTS for _ in range(n)]
+    block = generation_batch_size or len(rows)
+    generator = torch.Generator().manual_seed(seed)
+    responses, log_probs = [[] for _ in rows], [[] for _ in rows]
+    for begin in range(0, len(rows), block):
+        active = list(range(begin, min(begin + block, len(rows))))
+        for step in range(NUM_NEW):
+            logits = torch.stack([full_logits(model, rows[i] + responses[i])[-1] for i in active])
+            logits[:, VOCAB_SIZE:] = float("-inf")
+            ids = sample_next_tokens(
+                logits, temperature=temperature, top_p=top_p, generator=generator
+            )
+            lp = logits.log_softmax(-1).gather(1, ids[:, None])[:, 0]
+            for row, token, value in zip(active, ids.tolist(), lp.tolist()):
+                responses[row].append(token)
+                log_probs[row].append(value)
+            active = [
+                row for row, token in zip(active, ids.tolist())
+                if token not in eos and step + 1 < NUM_NEW
+            ]  # fmt: skip
+            if not active:
+                break
+    return responses, log_probs
+
+
+def _reference_scores(student, teacher, batch):
+    out = {"student_ids": [], "student_lp": [], "teacher_ids": [], "teacher_lp": [],
+           "teacher_at_student": [], "teacher_sampled": [], "student_sampled": []}  # fmt: skip
+    for i in range(batch.batch_size):
+        p, r = int(batch.prompt_lengths[i]), int(batch.response_lengths[i])
+        seq = batch.tokens[i, : p + r].tolist()
+        s_lp = full_logits(student, seq)[:, :VOCAB_SIZE].log_softmax(-1)[p - 1 : p + r - 1]
+        t_lp = full_logits(teacher, seq)[:, :VOCAB_SIZE].log_softmax(-1)[p - 1 : p + r - 1]
+        targets = torch.tensor(seq[p:])[:, None]
+        s_top, s_ids = s_lp.topk(TOP_K, dim=-1)
+        t_top, t_ids = t_lp.topk(TOP_K, dim=-1)
+        out["student_ids"].append(s_ids)
+        out["student_lp"].append(s_top)
+        out["teacher_ids"].append(t_ids)
+        out["teacher_lp"].append(t_top)
+        out["teacher_at_student"].append(t_lp.gather(1, s_ids))
+        out["teacher_sampled"].append(t_lp.gather(1, targets)[:, 0])
+        out["student_sampled"].append(s_lp.gather(1, targets)[:, 0])
+    return out
+
+
+# --------------------------------------------------------------------------- engine runs
+
+
+def _engine(groups, student, eos, **kw):
+    from megatron_opd.config.rollout import RolloutConfig
+    from megatron_opd.rollout.megatron_engine import MegatronRolloutEngine
+
+    config = RolloutConfig(
+        temperature=kw.get("temperature", 0.0),
+        top_p=kw.get("top_p", 1.0),
+        n_samples_per_prompt=kw.get("n", 1),
+        max_new_tokens=64,
+        chunk_size=kw.get("chunk_size", 0),
+        generation_batch_size=kw.get("generation_batch_size", 0),
+    )
+    return MegatronRolloutEngine(
+        student, groups, config, eos_token_ids=eos, pad_id=0, vocab_size=VOCAB_SIZE
+    )
+
+
+def _rows(batch):
+    """Responses and (last-stage) log-probs per row, in response coordinates."""
+    out = []
+    for i in range(batch.batch_size):
+        p, r = int(batch.prompt_lengths[i]), int(batch.response_lengths[i])
+        lp = None if batch.sampled_log_probs is None else batch.sampled_log_probs[i, p : p + r]
+        out.append((batch.tokens[i, p : p + r].tolist(), lp))
+    return out
+
+
+def _engine_cases(groups, student, teacher, eos):
+    from megatron_opd.config.prune import PruneConfig
+    from megatron_opd.prune.compat import drift_events
+    from megatron_opd.prune.weights import reliability_weights
+    from megatron_opd.rollout.chunk_scorer import ChunkScorer
+    from megatron_opd.scoring import score_rollouts
+
+    res = {"last": groups.is_last_stage, "tp_rank": groups.tp_rank}
+    batch_sizes = []
+    hook = student.register_forward_pre_hook(
+        lambda module, args, kwargs: batch_sizes.append(args[0].shape[0]), with_kwargs=True
+    )
+    greedy = _engine(groups, student, eos).generate(PROMPTS, max_new_tokens=NUM_NEW, seed=1)
+    hook.remove()
+    res["greedy"] = _rows(greedy)
+    res["greedy_tokens"] = greedy.tokens
+    res["greedy_prompt_lengths"] = greedy.prompt_lengths.tolist()
+    res["batch_sizes"] = batch_sizes
+    tiny = _engine(groups, student, eos, temperature=1.0, top_p=1e-6)
+    res["tiny_top_p"] = _rows(tiny.generate(PROMPTS, max_new_tokens=NUM_NEW, seed=5))
+    sampled = _engine(groups, student, eos, **SAMPLED)
+    batch = sampled.generate(PROMPTS, max_new_tokens=NUM_NEW, seed=SAMPLED["seed"])
+    res["sampled"] = _rows(batch)
+    res["prompt_index"] = batch.prompt_index.tolist()
+
+    scored = score_rollouts(
+        _scoring_batch(), student=student, teacher=teacher, groups=groups, top_k=TOP_K,
+        micro_batch_size=2, vocab_size=VOCAB_SIZE,
+    )  # fmt: skip
+    if groups.is_last_stage:
+        res["scores"] = {
+            name: getattr(scored, name)
+            for name in (
+                "student_topk_ids",
+                "student_topk_log_probs",
+                "student_sampled_log_probs",
+                "teacher_topk_ids",
+                "teacher_topk_log_probs",
+                "teacher_log_probs_at_student_ids",
+                "teacher_sampled_log_probs",
+                "overlap_ratio",
+            )  # fmt: skip
+        }
+
+    prune = PruneConfig(metric="overlap", threshold=TAU, top_k=TOP_K, w_drop=W_DROP, w_base=0.0)
+    scorer = ChunkScorer(teacher, groups, prune, vocab_size=VOCAB_SIZE)
+    engine = _engine(groups, student, [], temperature=1.0, n=2, chunk_size=3,
+                     generation_batch_size=5)  # fmt: skip
+    chunked = engine.generate(PROMPTS, max_new_tokens=NUM_NEW, seed=9, chunk_listener=scorer)
+    scorer.fill_batch(chunked)
+    res["chunk_lengths"] = chunked.response_lengths.tolist()
+    if groups.is_last_stage:
+        online = (chunked.weights.clone(), chunked.overlap_ratio.clone(), chunked.effective_lengths)
+        res["stop_reason"] = scorer.stopper.stop_reason.tolist()
+    score_rollouts(
+        chunked, student=student, teacher=teacher, groups=groups, top_k=TOP_K,
+        micro_batch_size=3, vocab_size=VOCAB_SIZE,
+    )  # fmt: skip
+    if groups.is_last_stage:
+        mask = chunked.response_mask()
+        bad, _ = drift_events(
+            metric="overlap", threshold=TAU, valid_mask=mask,
+            student_topk_ids=chunked.student_topk_ids, teacher_topk_ids=chunked.teacher_topk_ids,
+        )  # fmt: skip
+        full = reliability_weights(bad, mask, W_DROP, 0.0)
+        res["chunk_weights"] = {
+            "online": online,
+            "full": (full.weights, chunked.overlap_ratio, full.effective_length),
+        }
+    return res
+
+
+def _single_process_run():
+    from megatron_opd.config.parallel import ParallelConfig
+    from megatron_opd.distributed import init_distributed
+
+    groups = init_distributed(ParallelConfig())
+    student, teacher = _models(groups)
+    plain, _ = _reference_generate(
+        student, eos=[], temperature=0.0, top_p=1.0, n=1, seed=0, generation_batch_size=0
+    )
+    eos = [plain[0][2], plain[2][5]]
+    ref = {
+        "eos": eos,
+        "greedy": _reference_generate(
+            student, eos=eos, temperature=0.0, top_p=1.0, n=1, seed=0, generation_batch_size=0
+        ),
+        "sampled": _reference_generate(
+            student,
+            eos=eos,
+            temperature=SAMPLED["temperature"],
+            top_p=SAMPLED["top_p"],
+            n=SAMPLED["n"],
+            seed=SAMPLED["seed"],
+            generation_batch_size=SAMPLED["generation_batch_size"],
+        ),  # fmt: skip
+        "scores": _reference_scores(student, teacher, _scoring_batch()),
+    }
+    return ref, _engine_cases(groups, student, teacher, eos)
+
+
+def _distributed_run(tp, pp, eos):
+    from megatron_opd.config.parallel import ParallelConfig
+    from megatron_opd.distributed import init_distributed
+
+    groups = init_distributed(ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp))
+    student, teacher = _models(groups)
+    return _engine_cases(groups, student, teacher, eos)
+
+
+@pytest.fixture(scope="module")
+def runs():
+    ((ref, tp1),) = run_distributed(_single_process_run, 1, timeout_s=240)
+    tp2 = run_distributed(_distributed_run, 2, 2, 1, ref["eos"], timeout_s=240)
+    pp2 = run_distributed(_distributed_run, 2, 1, 2, ref["eos"], timeout_s=240)
+    return ref, {"tp1": [tp1], "tp2": tp2, "pp2": pp2}
+
+
+LAYOUTS = ["tp1", "tp2", "pp2"]
+
+
+def _check_rows(rows, ref_responses, ref_log_probs, last_stage):
+    assert [r[0] for r in rows] == ref_responses
+    if last_stage:
+        for (_, lp), expected in zip(rows, ref_log_probs):
+            torch.testing.assert_close(lp, torch.tensor(expected), atol=2e-5, rtol=0)
+    else:
+        assert all(lp is None for _, lp in rows)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_kv_cache_generation_equals_recompute(runs, layout):
+    ref, results = runs
+    for res in results[layout]:
+        _check_rows(res["greedy"], *ref["greedy"], res["last"])
+        _check_rows(res["sampled"], *ref["sampled"], res["last"])
+        assert res["prompt_index"] == [0, 0, 1, 1, 2, 2, 3, 3]
+    # The same tokens on every rank of the replica (TP ranks and PP stages).
+    assert all(r["sampled"][i][0] == results[layout][0]["sampled"][i][0]
+               for r in results[layout] for i in range(8))  # fmt: skip
+
+
+def test_eos_stops_rows_and_finished_rows_leave_the_batch(runs):
+    ref, results = runs
+    eos = ref["eos"]
+    greedy = results["tp1"][0]["greedy"]
+    lengths = [len(tokens) for tokens, _ in greedy]
+    assert min(lengths) < NUM_NEW, "the chosen EOS ids must end some rows early"
+    for tokens, _ in greedy:
+        assert all(t not in eos for t in tokens[:-1])
+        assert len(tokens) == NUM_NEW or tokens[-1] in eos
+    # Prefill with all 4 rows, then one decode step per token with only the running rows.
+    sizes = results["tp1"][0]["batch_sizes"]
+    running = [sum(1 for n in lengths if n > step) for step in range(max(lengths))]
+    assert sizes == running
+    # Right-padded layout: prompt at column 0, response right after it, pad 0 behind.
+    tokens = results["tp1"][0]["greedy_tokens"]
+    for i, (prompt, (response, _)) in enumerate(zip(PROMPTS, greedy)):
+        n = len(prompt) + len(response)
+        assert tokens[i, :n].tolist() == prompt + response
+        assert (tokens[i, n:] == 0).all()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_tiny_top_p_is_greedy(runs, layout):
+    ref, results = runs
+    for res in results[layout]:
+        assert [r[0] for r in res["tiny_top_p"]] == ref["greedy"][0]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_scoring_equals_full_vocabulary_reference(runs, layout):
+    ref, results = runs
+    expected = ref["scores"]
+    batch = _scoring_batch()
+    pairs = {
+        "student_topk_ids": "student_ids", "student_topk_log_probs": "student_lp",
+        "teacher_topk_ids": "teacher_ids", "teacher_topk_log_probs": "teacher_lp",
+        "teacher_log_probs_at_student_ids": "teacher_at_student",
+        "teacher_sampled_log_probs": "teacher_sampled",
+        "student_sampled_log_probs": "student_sampled",
+    }  # fmt: skip
+    last = [res for res in results[layout] if res["last"]]
+    assert last and all("scores" not in res for res in results[layout] if not res["last"])
+    for res in last:
+        scores = res["scores"]
+        for i in range(batch.batch_size):
+            p, r = int(batch.prompt_lengths[i]), int(batch.response_lengths[i])
+            for name, ref_name in pairs.items():
+                got, want = scores[name][i, p : p + r], expected[ref_name][i]
+                if got.dtype == torch.long:
+                    assert torch.equal(got, want), (name, i)
+                else:
+                    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+            pairs_i = zip(expected["student_ids"][i], expected["teacher_ids"][i])
+            overlap = [len(set(a.tolist()) & set(b.tolist())) / TOP_K for a, b in pairs_i]
+            torch.testing.assert_close(scores["overlap_ratio"][i, p : p + r], torch.tensor(overlap))
+            # Nothing outside the response.
+            outside = torch.ones(batch.seq_length, dtype=torch.bool)
+            outside[p : p + r] = False
+            assert (scores["teacher_topk_log_probs"][i][outside] == 0).all()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_chunked_online_stop_equals_full_scoring(runs, layout):
+    _, results = runs
+    lengths = results[layout][0]["chunk_lengths"]
+    assert all(r["chunk_lengths"] == lengths for r in results[layout])
+    for res in results[layout]:
+        if not res["last"]:
+            continue
+        online, full = res["chunk_weights"]["online"], res["chunk_weights"]["full"]
+        torch.testing.assert_close(online[0], full[0])  # weights [b, s]
+        torch.testing.assert_close(online[1], full[1])  # overlap ratio [b, s]
+        assert torch.equal(online[2], full[2])  # effective lengths
+        # The stopper did stop some rows before the budget (and at a chunk end, keeping the
+        # chunk's tokens), and let at least one run on: the comparison is not vacuous.
+        stopped = [n for n, why in zip(lengths, res["stop_reason"]) if why != 0]
+        assert stopped and all(n % 3 == 0 and n < NUM_NEW for n in stopped)
+        assert any(why == 0 for why in res["stop_reason"])
