@@ -56,9 +56,7 @@ class ModelConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.fp8 is not None and self.fp8 not in FP8_FORMATS:
-            raise ValueError(
-                f"model.fp8 must be null or one of {FP8_FORMATS}, got {self.fp8!r}"
-            )
+            raise ValueError(f"model.fp8 must be null or one of {FP8_FORMATS}, got {self.fp8!r}")
         if self.fp8_recipe not in FP8_RECIPES:
             raise ValueError(
                 f"model.fp8_recipe must be one of {FP8_RECIPES}, got {self.fp8_recipe!r}"
@@ -86,6 +84,5 @@ class ModelConfig:
             )
         if self.recompute is not None and self.recompute not in RECOMPUTE_MODES:
             raise ValueError(
-                f"model.recompute must be null or one of {RECOMPUTE_MODES}, "
-                f"got {self.recompute!r}"
+                f"model.recompute must be null or one of {RECOMPUTE_MODES}, got {self.recompute!r}"
             )

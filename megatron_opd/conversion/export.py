@@ -81,8 +81,10 @@ def write_hf_config_files(info: ModelInfo, out_dir: Path, dtype: torch.dtype) ->
     """config.json (the source's, with the dtype of the weights) and generation_config.json."""
     config = dict(info.hf_config)
     name = _DTYPE_NAMES.get(dtype, "float32")
-    config["torch_dtype"] = name
-    if "dtype" in config:
+    for key in ("dtype", "torch_dtype"):  # transformers 5 writes "dtype", 4 "torch_dtype"
+        if key in config:
+            config[key] = name
+    if "dtype" not in config and "torch_dtype" not in config:
         config["dtype"] = name
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     source = Path(info.hf_dir) / "generation_config.json" if info.hf_dir else None
@@ -133,7 +135,8 @@ def export_hf_from_model(
                 _stream_to_rank0(chunks, info, groups, dtype, writer.add)
                 writer.close()
                 write_hf_config_files(info, tmp, dtype)
-                copy_tokenizer_files(tokenizer_dir or info.hf_dir, tmp)
+                if tokenizer_dir or info.hf_dir:
+                    copy_tokenizer_files(tokenizer_dir or info.hf_dir, tmp)
         else:
             _stream_to_rank0(chunks, info, groups, dtype, sink=None)
     dist.barrier()

@@ -27,8 +27,11 @@ _DENSE_DECODER: tuple[Mapping, ...] = (
     Replicated(_L + "input_layernorm.weight", (_H + "input_layernorm.weight",)),
     FusedQKV(
         _L + "self_attention.linear_qkv.weight",
-        (_H + "self_attn.q_proj.weight", _H + "self_attn.k_proj.weight",
-         _H + "self_attn.v_proj.weight"),
+        (
+            _H + "self_attn.q_proj.weight",
+            _H + "self_attn.k_proj.weight",
+            _H + "self_attn.v_proj.weight",
+        ),
     ),  # fmt: skip
     Linear(
         _L + "self_attention.linear_proj.weight",
@@ -38,7 +41,9 @@ _DENSE_DECODER: tuple[Mapping, ...] = (
         cols="num_attention_heads*head_dim",
     ),
     Replicated(_L + "pre_mlp_layernorm.weight", (_H + "post_attention_layernorm.weight",)),
-    GatedMLP(_L + "mlp.linear_fc1.weight", (_H + "mlp.gate_proj.weight", _H + "mlp.up_proj.weight")),
+    GatedMLP(
+        _L + "mlp.linear_fc1.weight", (_H + "mlp.gate_proj.weight", _H + "mlp.up_proj.weight")
+    ),
     Linear(
         _L + "mlp.linear_fc2.weight",
         (_H + "mlp.down_proj.weight",),
@@ -55,9 +60,13 @@ _QKV_BIAS = FusedQKV(
     (_H + "self_attn.q_proj.bias", _H + "self_attn.k_proj.bias", _H + "self_attn.v_proj.bias"),
 )
 _QK_NORM = (
-    Replicated(_L + "self_attention.q_layernorm.weight", (_H + "self_attn.q_norm.weight",), size="head_dim"),
-    Replicated(_L + "self_attention.k_layernorm.weight", (_H + "self_attn.k_norm.weight",), size="head_dim"),
-)  # fmt: skip
+    Replicated(
+        _L + "self_attention.q_layernorm.weight", (_H + "self_attn.q_norm.weight",), "head_dim"
+    ),
+    Replicated(
+        _L + "self_attention.k_layernorm.weight", (_H + "self_attn.k_norm.weight",), "head_dim"
+    ),
+)
 
 FAMILY_TABLES: dict[str, tuple[Mapping, ...]] = {
     "llama": _DENSE_DECODER,

@@ -161,7 +161,7 @@ def convert_megatron_to_hf(
             "write one with convert_hf_to_megatron"
         )
     hf_config = json.loads((Path(ckpt_dir) / HF_CONFIG_SUBDIR / "config.json").read_text())
-    weights_dtype = str(hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32")
+    weights_dtype = str(hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32")
     model_config = ModelConfig(
         path=str(ckpt_dir),
         dtype="bfloat16" if weights_dtype == "bfloat16" else "float32",

@@ -247,4 +247,3 @@ def build_gpt_model(info: ModelInfo, config, groups: ParallelGroups, *, use_te: 
         inv_freq = llama3_inv_freq(info.head_dim, info.rope_theta, info.rope_scaling)
         model.rotary_pos_emb.inv_freq = inv_freq.to(model.rotary_pos_emb.inv_freq.device)
     return model.to(groups.platform.device)
-

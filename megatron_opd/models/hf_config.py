@@ -129,7 +129,9 @@ def model_info_from_hf_config(
 ) -> ModelInfo:
     """:func:`read_model_info` on an already loaded config dict."""
     architectures = config.get("architectures") or []
-    architecture = architectures[0] if architectures else f"<none; model_type={config.get('model_type')!r}>"
+    architecture = (
+        architectures[0] if architectures else f"<none; model_type={config.get('model_type')!r}>"
+    )
     if architecture not in ARCHITECTURE_FAMILIES:
         raise ValueError(
             f"unsupported architecture {architecture!r} in config.json; supported: "
@@ -151,7 +153,9 @@ def model_info_from_hf_config(
             f"config.json hidden_act={config['hidden_act']!r} is not supported; only silu (SwiGLU)"
         )
     if config.get("mlp_bias"):
-        raise ValueError("config.json mlp_bias=true is not supported (no MLP biases in the mapping)")
+        raise ValueError(
+            "config.json mlp_bias=true is not supported (no MLP biases in the mapping)"
+        )
     if family == "qwen2" and config.get("use_sliding_window"):
         raise ValueError("config.json use_sliding_window=true is not supported; set it to false")
     if family == "qwen2":

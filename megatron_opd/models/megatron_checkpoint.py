@@ -45,6 +45,7 @@ def read_conversion_metadata(path: str | Path) -> dict[str, Any] | None:
         )
     metadata = json.loads((path / METADATA_FILE).read_text())
     if metadata.get("format") != FORMAT_TAG:
-        raise ValueError(f"{path / METADATA_FILE} has format {metadata.get('format')!r}, "
-                         f"expected {FORMAT_TAG!r}")
+        raise ValueError(
+            f"{path / METADATA_FILE} has format {metadata.get('format')!r}, expected {FORMAT_TAG!r}"
+        )
     return metadata

@@ -1,0 +1,162 @@
+"""Command-line entry points of the conversion (``megatron-opd convert ...`` and tools/).
+
+Each runs either under ``torchrun`` (``WORLD_SIZE`` set; TP x PP must equal the world
+size) or as a single process (TP=PP=1; a dist checkpoint written at TP=1 loads at any
+TP/PP). Each returns a process exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from megatron_opd.config.parallel import ParallelConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _init(tp: int, pp: int):
+    from megatron_opd.distributed import LaunchEnv, init_distributed
+    from megatron_opd.testing.multiprocess import free_port
+
+    launch = None
+    if "WORLD_SIZE" not in os.environ and "SLURM_NTASKS" not in os.environ:
+        launch = LaunchEnv(
+            rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=free_port()
+        )
+        if tp * pp != 1:
+            print(
+                f"single process: converting at TP=1, PP=1 instead of TP={tp}, PP={pp} "
+                "(the dist checkpoint loads at any TP/PP); use torchrun for another layout",
+                file=sys.stderr,
+            )
+            tp = pp = 1
+    config = ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp, timeout_seconds=600)
+    return init_distributed(config, launch_env=launch)
+
+
+def _finish() -> None:
+    from megatron_opd.distributed import destroy_distributed
+
+    destroy_distributed()
+
+
+def main_hf_to_megatron(argv: list[str] | None = None) -> int:
+    """HF directory -> converted Megatron (dist_checkpointing) checkpoint."""
+    parser = argparse.ArgumentParser(
+        prog="convert_hf_to_megatron",
+        description="Convert an HF llama/qwen2/qwen3 checkpoint into a Megatron dist checkpoint.",
+    )
+    parser.add_argument(
+        "--hf-dir", required=True, help="HF model directory (config.json, *.safetensors)"
+    )
+    parser.add_argument("--out", required=True, help="output checkpoint directory (must not exist)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (torchrun)")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (torchrun)")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    args = parser.parse_args(argv)
+    from megatron_opd.conversion.megatron_ckpt import convert_hf_to_megatron
+
+    groups = _init(args.tp, args.pp)
+    try:
+        out = convert_hf_to_megatron(
+            args.hf_dir,
+            args.out,
+            groups,
+            dtype=args.dtype,
+            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+            overwrite=args.overwrite,
+        )
+        if groups.rank == 0:
+            print(f"wrote Megatron checkpoint {out}")
+    finally:
+        _finish()
+    return 0
+
+
+def main_megatron_to_hf(argv: list[str] | None = None) -> int:
+    """Converted Megatron checkpoint -> HF directory."""
+    parser = argparse.ArgumentParser(
+        prog="convert_megatron_to_hf",
+        description="Convert a Megatron checkpoint written by convert_hf_to_megatron back to HF.",
+    )
+    parser.add_argument("--megatron-dir", required=True, help="converted Megatron checkpoint")
+    parser.add_argument("--out", required=True, help="output HF directory (must not exist)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (torchrun)")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (torchrun)")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                        help="written dtype (default: the checkpoint's)")  # fmt: skip
+    parser.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    args = parser.parse_args(argv)
+    from megatron_opd.conversion.megatron_ckpt import convert_megatron_to_hf
+
+    groups = _init(args.tp, args.pp)
+    try:
+        out = convert_megatron_to_hf(
+            args.megatron_dir,
+            args.out,
+            groups,
+            dtype=_DTYPES[args.dtype] if args.dtype else None,
+            max_shard_bytes=int(args.max_shard_gb * 1024**3),
+            overwrite=args.overwrite,
+        )
+        if groups.rank == 0:
+            print(f"wrote HF checkpoint {out}")
+    finally:
+        _finish()
+    return 0
+
+
+def main_verify(argv: list[str] | None = None) -> int:
+    """Same tokens through transformers and the Megatron model: max |logit diff| and KL."""
+    parser = argparse.ArgumentParser(
+        prog="verify_conversion",
+        description="Compare logits of transformers and Megatron on the same input; PASS/FAIL.",
+    )
+    parser.add_argument("--hf-dir", required=True, help="HF model directory (the reference)")
+    parser.add_argument("--megatron-dir", default=None,
+                        help="converted checkpoint (default: load --hf-dir)")  # fmt: skip
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (torchrun)")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (torchrun)")
+    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--atol", type=float, default=1e-3, help="max |logit diff| to PASS")
+    args = parser.parse_args(argv)
+    from megatron_opd.config.model import ModelConfig
+    from megatron_opd.conversion.logits import gather_full_logits
+    from megatron_opd.conversion.megatron_ckpt import load_model_weights
+    from megatron_opd.models.builder import build_model
+
+    groups = _init(args.tp, args.pp)
+    try:
+        model_config = ModelConfig(path=args.megatron_dir or args.hf_dir, transformer_impl="local")
+        chunks, info = build_model(model_config, groups, role="teacher")
+        load_model_weights(chunks, model_config, info, groups)
+        generator = torch.Generator().manual_seed(args.seed)
+        ids = torch.randint(0, info.vocab_size, (args.batch, args.seq_len), generator=generator)
+        megatron_logits = gather_full_logits(chunks, ids, info, groups)
+        if groups.rank != 0:
+            return 0
+        from transformers import AutoModelForCausalLM
+
+        hf_model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32).eval()
+        with torch.no_grad():
+            hf_logits = hf_model(ids).logits.float()
+        max_diff = (hf_logits - megatron_logits).abs().max().item()
+        hf_logp = torch.log_softmax(hf_logits, -1)
+        mg_logp = torch.log_softmax(megatron_logits, -1)
+        kl = (hf_logp.exp() * (hf_logp - mg_logp)).sum(-1).mean().item()
+        verdict = "PASS" if max_diff <= args.atol else "FAIL"
+        print(
+            f"{verdict} max_abs_logit_diff={max_diff:.3e} kl_hf_megatron={kl:.3e} atol={args.atol}"
+        )
+        return 0 if verdict == "PASS" else 1
+    finally:
+        _finish()
