@@ -20,6 +20,7 @@ ID_SET_MODES = ("only_stu", "only_tch", "intersection", "union")
 
 def _membership(ids: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """``[b, s, k]`` bool: ``ids[..., j]`` is one of ``other[..., :]``."""
+    ids = ids.to(other.dtype)
     sorted_other = other.sort(dim=-1).values.contiguous()
     position = torch.searchsorted(sorted_other, ids.contiguous())
     return sorted_other.gather(-1, position.clamp(max=other.shape[-1] - 1)) == ids

@@ -68,6 +68,7 @@ def overlap_ratio(
         )
     _check_mask(valid_mask, student_topk_ids.shape[:2])
     k = student_topk_ids.shape[-1]
+    student_topk_ids = student_topk_ids.to(teacher_topk_ids.dtype)
     sorted_teacher = teacher_topk_ids.sort(dim=-1).values.contiguous()
     position = torch.searchsorted(sorted_teacher, student_topk_ids.contiguous())
     found = sorted_teacher.gather(-1, position.clamp(max=k - 1)) == student_topk_ids

@@ -78,14 +78,14 @@ class TrimPlan:
         """Longest micro-batch (for schedules that need one shape)."""
         return max((mb.padded_length for mb in self.micro_batches), default=0)
 
-    def to_tensor(self) -> torch.Tensor:
-        """Flat int64 encoding: ``[magic, b, s, n_mb, kept_lengths (b), then per
-        micro-batch: n_rows, padded_length, rows...]``."""
+    def to_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Flat int64 encoding on ``device``: ``[magic, b, s, n_mb, kept_lengths (b), then
+        per micro-batch: n_rows, padded_length, rows...]``."""
         values = [_MAGIC, self.batch_size, self.seq_length, len(self.micro_batches)]
         values += self.kept_lengths.tolist()
         for mb in self.micro_batches:
             values += [len(mb.rows), mb.padded_length, *mb.rows]
-        return torch.tensor(values, dtype=torch.int64)
+        return torch.tensor(values, dtype=torch.int64, device=device)
 
     @classmethod
     def from_tensor(cls, encoded: torch.Tensor) -> TrimPlan:
