@@ -1,0 +1,34 @@
+"""Entry point of ``megatron-opd train``: build, train, always tear down."""
+
+from __future__ import annotations
+
+from megatron_opd.config.opd import OPDConfig
+from megatron_opd.distributed import destroy_distributed, init_distributed
+
+
+def run_training(config: OPDConfig) -> list[dict[str, float]]:
+    """Run Prune-OPD with ``config`` in this process (one rank of torchrun/srun)."""
+    from megatron_opd.training.setup import build_components
+    from megatron_opd.training.trainer import Trainer
+
+    groups = init_distributed(config.parallel, seed=config.training.seed)
+    components = None
+    try:
+        components = build_components(config, groups)
+        trainer = Trainer(config, groups, components)
+        trainer.maybe_resume()
+        history = trainer.train()
+        if config.checkpoint.export_hf_dir:
+            from megatron_opd.conversion import export_hf_from_model
+
+            export_hf_from_model(
+                components.student_chunks,
+                config.checkpoint.export_hf_dir,
+                components.student_info,
+                groups,
+            )
+        return history
+    finally:
+        if components is not None:
+            components.log.close()
+        destroy_distributed()

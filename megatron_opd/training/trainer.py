@@ -1,0 +1,364 @@
+"""The Prune-OPD trainer: rollout -> score -> prune -> trimmed training -> metrics.
+
+One :meth:`Trainer.train_step` is one optimizer update:
+
+1. this data-parallel rank takes its prompts of the step;
+2. the student samples ``n`` responses per prompt, at most ``budget.current`` new tokens
+   (chunked online stop when ``rollout.chunk_size > 0``);
+3. student and teacher score every response token (last pipeline stage,
+   vocabulary-parallel); drift events give reliability weights and loss weights;
+4. effective lengths of the whole global batch update the ResponseBudget (identically
+   on every rank);
+5. the trimming plan is made on the last stage and broadcast to every stage; Megatron's
+   schedule runs forward/backward over the trimmed micro-batches;
+6. a step whose loss or gradients are not finite is skipped (logged); after
+   ``max_consecutive_bad_steps`` in a row the run stops, keeping the last good checkpoint.
+
+Teacher and student live on the same ranks with the same TP/PP layout (documented limit).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from megatron_opd.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_opd.config.opd import OPDConfig
+from megatron_opd.config.rollout import rollout_seed
+from megatron_opd.distributed import ParallelGroups
+from megatron_opd.prune import (
+    ResponseBudget,
+    plan_trimming,
+    reliability_weights,
+    teacher_top_p_accept,
+)
+from megatron_opd.prune.trimming import TrimPlan
+from megatron_opd.rollout.batch import RolloutBatch
+from megatron_opd.scoring import score_rollouts
+from megatron_opd.training.forward_step import loss_tensor_names, make_forward_step
+from megatron_opd.training.micro_batches import build_micro_batches
+from megatron_opd.training.optimizer import (
+    build_optimizer,
+    gradients_are_finite,
+    wrap_student_for_training,
+)
+from megatron_opd.training.pipeline_transport import (
+    broadcast_from_last_stage,
+    gather_across_data_parallel,
+)
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped itself (e.g. repeated non-finite losses); the message says why."""
+
+
+class Trainer:
+    """Owns the models, engine, optimizer and state of one Prune-OPD run."""
+
+    def __init__(self, config: OPDConfig, groups: ParallelGroups, components) -> None:
+        """``components`` is a :class:`megatron_opd.training.setup.RunComponents`."""
+        self.config = config
+        self.groups = groups
+        self.c = components
+        self.student = wrap_student_for_training(components.student_chunks, config.parallel, groups)
+        self.optimizer, self.scheduler = build_optimizer(
+            self.student, config.training, config.parallel, groups
+        )
+        self.budget = ResponseBudget.from_config(config.budget)
+        self.step = 0
+        self.consecutive_bad_steps = 0
+        self.history: list[dict[str, float]] = []
+        self._forward_step = make_forward_step(
+            loss_config=config.loss,
+            tp_group=groups.tp_group,
+            vocab_size=components.vocab_size,
+            is_last_stage=groups.is_last_stage,
+            device=groups.platform.device,
+        )
+
+    # ------------------------------------------------------------------ state
+    def trainer_state(self) -> dict:
+        """JSON state saved beside the Megatron checkpoint (identical on every rank)."""
+        return {
+            "budget": self.budget.state_dict(),
+            "data": self.c.dataset.state_dict(),
+            "consecutive_bad_steps": self.consecutive_bad_steps,
+            "model": self.c.student_summary,
+            "history": self.history[-1000:],
+        }
+
+    def maybe_resume(self) -> None:
+        """Resume from ``checkpoint.load_dir`` (or the newest complete one in save_dir)."""
+        ckpt = self.config.checkpoint
+        source = ckpt.load_dir or ckpt.save_dir
+        if source is None:
+            return
+        found = find_latest_checkpoint(source)
+        if found is None:
+            if ckpt.load_dir is not None:
+                raise ValueError(
+                    f"checkpoint.load_dir={ckpt.load_dir} holds no complete checkpoint; "
+                    "point it at a step_* directory or remove it to start fresh"
+                )
+            return
+        state = load_checkpoint(
+            found,
+            model_chunks=self.student,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            groups=self.groups,
+            expected_model=self.c.student_summary,
+        )
+        self.step = int(state["step"])
+        self.budget.load_state_dict(state["budget"])
+        self.c.dataset.load_state_dict(state["data"])
+        self.consecutive_bad_steps = int(state.get("consecutive_bad_steps", 0))
+        self.history = list(state.get("history", []))
+        self.c.log.message(f"resumed from {found} at step {self.step}")
+
+    def save(self) -> None:
+        """Checkpoint now (all ranks)."""
+        ckpt = self.config.checkpoint
+        if ckpt.save_dir is None:
+            return
+        save_checkpoint(
+            ckpt.save_dir,
+            self.step,
+            model_chunks=self.student,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            trainer_state=self.trainer_state(),
+            groups=self.groups,
+            keep_last=ckpt.keep_last,
+        )
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> list[dict[str, float]]:
+        """Run until ``training.num_steps``; returns the per-step metrics."""
+        cfg = self.config
+        while self.step < cfg.training.num_steps:
+            metrics = self.train_step()
+            self.step += 1
+            self.history.append({"step": self.step, **metrics})
+            self.c.log.log(self.step, metrics)
+            if metrics.get("skipped", 0.0):
+                self.consecutive_bad_steps += 1
+                self.c.log.message(
+                    f"step {self.step}: non-finite loss or gradient, update skipped "
+                    f"({self.consecutive_bad_steps} in a row)"
+                )
+                if self.consecutive_bad_steps >= cfg.training.max_consecutive_bad_steps:
+                    raise TrainingStopped(
+                        f"{self.consecutive_bad_steps} steps in a row had a non-finite loss or "
+                        "gradient; stopped. The last good state is the latest checkpoint in "
+                        f"{cfg.checkpoint.save_dir}. Lower training.lr or check the data."
+                    )
+                continue
+            self.consecutive_bad_steps = 0
+            interval = cfg.checkpoint.save_interval
+            if interval and self.step % interval == 0:
+                self.save()
+        if cfg.checkpoint.save_dir and not (
+            cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0
+        ):
+            self.save()
+        return self.history
+
+    def train_step(self) -> dict[str, float]:
+        """One rollout and one optimizer update; returns this step's metrics."""
+        cfg, groups = self.config, self.groups
+        timers: dict[str, float] = {}
+        prompts, answers = self.c.dataset.next_prompts(
+            dp_rank=groups.dp_rank, dp_size=groups.dp_size
+        )
+        max_new = min(
+            self.budget.current if cfg.budget.enable else cfg.budget.max_len,
+            cfg.rollout.max_new_tokens,
+        )
+        seed = rollout_seed(cfg.rollout, step=self.step, dp_rank=groups.dp_rank)
+        with _timed(timers, "rollout"):
+            listener = self.c.make_chunk_listener() if cfg.rollout.chunk_size else None
+            batch = self.c.engine.generate(
+                prompts, max_new_tokens=max_new, seed=seed, chunk_listener=listener
+            )
+            batch.answers = [answers[i] for i in batch.prompt_index.tolist()]
+        with _timed(timers, "score"):
+            self.c.teacher_onload()
+            score_rollouts(
+                batch,
+                student=self.student[0].module,
+                teacher=self.c.teacher_chunks[0],
+                groups=groups,
+                top_k=cfg.prune.top_k,
+                micro_batch_size=self.c.score_micro_batch_size,
+                vocab_size=self.c.vocab_size,
+            )
+            self.c.teacher_offload()
+        with _timed(timers, "prune"):
+            plan = self._prune_and_plan(batch)
+            global_effective = self._global_effective_lengths(batch)
+            budget_before = self.budget.current
+            if cfg.budget.enable:
+                self.budget.update(global_effective)
+        with _timed(timers, "train"):
+            loss_sum, num_tokens, skipped, grad_norm = self._update(batch, plan)
+        metrics = self._metrics(batch, plan, loss_sum, num_tokens, global_effective)
+        metrics.update(
+            {f"time_{name}_s": value for name, value in timers.items()},
+            time_step_s=sum(timers.values()),
+            budget=float(budget_before),
+            next_budget=float(self.budget.current),
+            skipped=float(skipped),
+            grad_norm=float(grad_norm),
+            lr=float(self.optimizer.param_groups[0]["lr"]),
+        )
+        return metrics
+
+    # ------------------------------------------------------------------ pieces
+    def _prune_and_plan(self, batch: RolloutBatch) -> TrimPlan:
+        cfg, groups = self.config, self.groups
+        encoded = None
+        if groups.is_last_stage:
+            valid = batch.response_mask().to(batch.overlap_ratio.device)
+            if cfg.prune.metric == "overlap":
+                bad = (batch.overlap_ratio < cfg.prune.threshold) & valid
+            else:
+                accept = teacher_top_p_accept(
+                    batch.tokens.to(valid.device),
+                    batch.teacher_topk_ids,
+                    batch.teacher_topk_log_probs,
+                    cfg.prune.threshold,
+                )
+                bad = ~accept & valid
+            if cfg.prune.enable:
+                result = reliability_weights(
+                    bad, valid, w_drop=cfg.prune.w_drop, w_base=cfg.prune.w_base
+                )
+                batch.weights = result.weights
+                batch.loss_weights = result.loss_weights
+                batch.effective_lengths = result.effective_length
+            else:
+                batch.weights = valid.float()
+                batch.loss_weights = valid.float()
+                batch.effective_lengths = valid.sum(dim=1)
+            batch.extras["bad_events"] = bad
+            plan = plan_trimming(
+                batch.loss_weights,
+                max_tokens=cfg.training.micro_batch_tokens,
+                max_rows=cfg.training.max_micro_batch_rows,
+                pad_to_multiple=groups.tp_size if cfg.parallel.sequence_parallel else 1,
+                trim=cfg.training.trim,
+            )
+            encoded = plan.to_tensor()
+        encoded = broadcast_from_last_stage(encoded, groups, dtype=torch.int64)
+        return TrimPlan.from_tensor(encoded.cpu())
+
+    def _global_effective_lengths(self, batch: RolloutBatch) -> torch.Tensor:
+        groups = self.groups
+        local = batch.effective_lengths if groups.is_last_stage else None
+        local = broadcast_from_last_stage(local, groups, dtype=torch.int64)
+        return gather_across_data_parallel(local.to(groups.platform.device), groups).cpu()
+
+    def _update(self, batch: RolloutBatch, plan: TrimPlan):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        groups = self.groups
+        micro_batches = build_micro_batches(
+            batch,
+            plan,
+            is_last_stage=groups.is_last_stage,
+            loss_tensor_names=loss_tensor_names(self.config.loss),
+        )
+        for chunk in self.student:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        forward_backward = get_forward_backward_func()
+        reports = forward_backward(
+            forward_step_func=self._forward_step,
+            data_iterator=iter(micro_batches),
+            model=self.student,
+            num_microbatches=len(micro_batches),
+            seq_length=max(mb.tokens.shape[1] for mb in micro_batches),
+            micro_batch_size=max(mb.tokens.shape[0] for mb in micro_batches),
+            forward_only=False,
+        )
+        totals = torch.zeros(2, dtype=torch.float64, device=groups.platform.device)
+        if groups.is_last_stage:
+            for report in reports:
+                totals += report["loss"].to(totals)
+        # Loss sums live on the last stage of each pipeline: share them with every rank.
+        totals = broadcast_from_last_stage(totals, groups, dtype=torch.float64)
+        finite_loss = torch.isfinite(totals).all().to(torch.float32)
+        dist.all_reduce(finite_loss, op=dist.ReduceOp.MIN)
+        dp_totals = totals.clone()
+        if groups.dp_size > 1:
+            dist.all_reduce(dp_totals, group=groups.dp_group)
+        if finite_loss.item() < 1 or not gradients_are_finite(self.student, groups):
+            self.optimizer.zero_grad()
+            for chunk in self.student:
+                chunk.zero_grad_buffer()
+            return float(dp_totals[0]), float(dp_totals[1]), True, float("nan")
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        self.c.engine.sync_weights()
+        return float(dp_totals[0]), float(dp_totals[1]), False, float(grad_norm or 0.0)
+
+    def _metrics(self, batch, plan, loss_sum, num_tokens, global_effective) -> dict[str, float]:
+        groups = self.groups
+        metrics = {"loss": loss_sum / max(num_tokens, 1.0)}
+        values = torch.zeros(9, dtype=torch.float64, device=groups.platform.device)
+        if groups.is_last_stage:
+            valid = batch.response_mask().to(batch.overlap_ratio.device)
+            num_valid = valid.sum()
+            values[0] = (batch.overlap_ratio * valid).sum()
+            values[1] = batch.extras["bad_events"].sum()
+            values[2] = (batch.weights * valid).sum()
+            values[3] = num_valid
+            response_start = batch.prompt_lengths.to(plan.kept_lengths.device)
+            kept_response = (plan.kept_lengths - response_start).clamp(min=0)
+            kept_response = torch.minimum(kept_response, batch.response_lengths.cpu())
+            values[4] = kept_response.sum()
+            values[5] = batch.response_lengths.sum()
+            values[6] = plan.num_kept_tokens
+            values[7] = batch.total_lengths().sum()
+            # k1 estimate of KL(student || teacher) on the student's own samples.
+            log_ratio = batch.student_sampled_log_probs - batch.teacher_sampled_log_probs
+            values[8] = (log_ratio * valid).sum()
+        values = broadcast_from_last_stage(values, groups, dtype=torch.float64)
+        if groups.dp_size > 1:
+            dist.all_reduce(values, group=groups.dp_group)
+        valid_tokens = max(float(values[3]), 1.0)
+        effective = global_effective.double()
+        metrics.update(
+            overlap_ratio_mean=float(values[0]) / valid_tokens,
+            bad_event_rate=float(values[1]) / valid_tokens,
+            weight_mean=float(values[2]) / valid_tokens,
+            effective_length_mean=float(effective.mean()) if effective.numel() else 0.0,
+            effective_length_p50=_quantile(effective, 0.5),
+            effective_length_p90=_quantile(effective, 0.9),
+            tokens_generated=float(values[5]),
+            tokens_scored=float(values[7]),
+            tokens_trained=float(values[6]),
+            trimmed_fraction=1.0 - float(values[4]) / valid_tokens,
+            reverse_kl=float(values[8]) / valid_tokens,
+        )
+        return metrics
+
+
+def _quantile(values: torch.Tensor, q: float) -> float:
+    if values.numel() == 0:
+        return 0.0
+    return float(torch.quantile(values, q))
+
+
+@contextmanager
+def _timed(timers: dict[str, float], name: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timers[name] = timers.get(name, 0.0) + time.perf_counter() - start
