@@ -48,7 +48,7 @@ def _save_hf_model(out_dir: Path, tokenizer_dir: Path, *, vocab_size: int, layer
 
 def make_tiny_run(root: str | Path, *, num_prompts: int = 64, seed: int = 0) -> list[str]:
     """Build the run's files under ``root``; return config overrides (``a.b=c``)."""
-    from megatron_opd.data.chain_task import training_problems, train_task_tokenizer, write_jsonl
+    from megatron_opd.data.chain_task import train_task_tokenizer, training_problems, write_jsonl
 
     root = Path(root)
     tokenizer_dir = root / "tokenizer"
