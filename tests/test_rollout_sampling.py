@@ -1,0 +1,99 @@
+"""Sampling helpers, RolloutConfig checks and the vLLM engine's refusal / config mapping
+(single process, no Megatron)."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_opd.config.rollout import RolloutConfig, rollout_seed
+from megatron_opd.rollout.sampling import mask_vocab_padding, sample_next_tokens, top_p_filter
+from megatron_opd.rollout.vllm_engine import VLLMRolloutEngine, vllm_sampling_kwargs
+
+
+def _logits(probs):
+    return torch.tensor([[math.log(p) for p in probs]])
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    logits = _logits([0.15, 0.5, 0.05, 0.3])  # order by probability: 1, 3, 0, 2
+    kept = lambda p: torch.isfinite(top_p_filter(logits, p))[0].nonzero()[:, 0].tolist()  # noqa: E731
+    assert kept(0.5) == [1]  # 0.5 alone reaches 0.5
+    assert kept(0.51) == [1, 3]
+    assert kept(0.8) == [1, 3]
+    assert kept(0.81) == [0, 1, 3]
+    assert kept(1.0) == [0, 1, 2, 3]
+    assert kept(1e-9) == [1]  # the most likely id always survives
+
+
+def test_sampling_frequencies_follow_the_renormalised_nucleus():
+    logits = _logits([0.15, 0.5, 0.05, 0.3]).expand(20000, 4)
+    generator = torch.Generator().manual_seed(0)
+    ids = sample_next_tokens(logits, temperature=1.0, top_p=0.8, generator=generator)
+    freq = torch.bincount(ids, minlength=4).float() / ids.numel()
+    torch.testing.assert_close(freq, torch.tensor([0.0, 0.625, 0.0, 0.375]), atol=0.015, rtol=0)
+    # Temperature 2 flattens: p ~ sqrt(p) renormalised.
+    ids = sample_next_tokens(logits, temperature=2.0, top_p=1.0, generator=generator)
+    freq = torch.bincount(ids, minlength=4).float() / ids.numel()
+    expected = torch.tensor([0.15, 0.5, 0.05, 0.3]).sqrt()
+    torch.testing.assert_close(freq, expected / expected.sum(), atol=0.015, rtol=0)
+
+
+def test_greedy_and_vocab_padding():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 9.0], [2.0, 0.0, 1.0, 9.0]])
+    masked = mask_vocab_padding(logits, 3)  # id 3 is Megatron padding
+    assert sample_next_tokens(masked, temperature=0.0, top_p=1.0, generator=None).tolist() == [
+        1,
+        0,
+    ]
+    generator = torch.Generator().manual_seed(1)
+    ids = sample_next_tokens(masked.expand(2, 4), temperature=1.0, top_p=1.0, generator=generator)
+    assert (ids < 3).all()
+
+
+def test_rollout_config_errors_name_the_field():
+    for kwargs, field in (
+        ({"temperature": -1.0}, "rollout.temperature"),
+        ({"top_p": 0.0}, "rollout.top_p"),
+        ({"top_p": 1.5}, "rollout.top_p"),
+        ({"n_samples_per_prompt": 0}, "rollout.n_samples_per_prompt"),
+        ({"max_new_tokens": 0}, "rollout.max_new_tokens"),
+        ({"chunk_size": -1}, "rollout.chunk_size"),
+        ({"generation_batch_size": -2}, "rollout.generation_batch_size"),
+        ({"engine": "sglang"}, "rollout.engine"),
+    ):
+        with pytest.raises(ValueError, match=field):
+            RolloutConfig(**kwargs)
+    assert RolloutConfig(temperature=0.0).greedy
+
+
+def test_rollout_seed_differs_across_steps_and_data_parallel_ranks():
+    config = RolloutConfig()
+    seeds = {rollout_seed(config, step=s, dp_rank=r) for s in range(50) for r in range(8)}
+    assert len(seeds) == 400
+
+
+def test_vllm_engine_refuses_without_cuda_and_vllm():
+    config = RolloutConfig(engine="vllm")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the refusal path is for CPU machines")
+    with pytest.raises(ValueError, match="rollout.engine='vllm' needs a CUDA GPU"):
+        VLLMRolloutEngine(None, None, config, hf_model_dir="x", hf_weights=list)
+    with pytest.raises(ValueError, match="rollout.engine='vllm'"):
+        VLLMRolloutEngine(None, None, RolloutConfig(engine="megatron"))
+
+
+def test_vllm_sampling_kwargs_mirror_the_megatron_engine():
+    config = RolloutConfig(
+        engine="vllm", temperature=0.7, top_p=0.95, n_samples_per_prompt=4, max_new_tokens=100
+    )
+    kw = vllm_sampling_kwargs(
+        config, max_new_tokens=300, seed=5, eos_token_ids=[7, 2, 7], num_logprobs=16
+    )
+    assert kw["max_tokens"] == 100  # the config's cap wins
+    assert (kw["n"], kw["temperature"], kw["top_p"], kw["top_k"]) == (4, 0.7, 0.95, -1)
+    assert kw["stop_token_ids"] == [2, 7] and kw["logprobs"] == 16 and kw["seed"] == 5
+    greedy = vllm_sampling_kwargs(
+        RolloutConfig(engine="vllm", temperature=0.0), max_new_tokens=8, seed=0, eos_token_ids=[]
+    )
+    assert greedy["temperature"] == 0.0 and greedy["top_k"] == 1
