@@ -172,6 +172,12 @@ def _engine_cases(groups, student, teacher, eos):
             )  # fmt: skip
         }
 
+    from megatron_opd.scoring import broadcast_from_last_stage
+
+    sent = [torch.tensor([3, 1, 4]), torch.arange(6.0).view(2, 3), torch.tensor([True, False])]
+    got = broadcast_from_last_stage(sent if groups.is_last_stage else [None] * 3, groups)
+    res["broadcast"] = [(t.dtype, t.tolist()) for t in got]
+
     prune = PruneConfig(metric="overlap", threshold=TAU, top_k=TOP_K, w_drop=W_DROP, w_base=0.0)
     scorer = ChunkScorer(teacher, groups, prune, vocab_size=VOCAB_SIZE)
     engine = _engine(groups, student, [], temperature=1.0, n=2, chunk_size=3,
@@ -348,3 +354,11 @@ def test_chunked_online_stop_equals_full_scoring(runs, layout):
         stopped = [n for n, why in zip(lengths, res["stop_reason"]) if why != 0]
         assert stopped and all(n % 3 == 0 and n < NUM_NEW for n in stopped)
         assert any(why == 0 for why in res["stop_reason"])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_broadcast_from_last_stage(runs, layout):
+    _, results = runs
+    expected = [(torch.int64, [3, 1, 4]), (torch.float32, [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]),
+                (torch.bool, [True, False])]  # fmt: skip
+    assert all(res["broadcast"] == expected for res in results[layout])
