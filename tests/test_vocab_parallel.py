@@ -21,14 +21,29 @@ PADDED = 48  # Megatron-style padding to a multiple of 4 * TP (tiny divisor for 
 TEMPERATURE = 0.7
 SHAPE = (5, 3)  # [s, b] leading dims
 NUM_IDS = 3
+DTYPES = [  # name, dtype, real vocabulary, k, ties, -inf masked ids
+    ("fp32", torch.float32, VOCAB, 5, False, False),
+    ("bf16", torch.bfloat16, VOCAB_SHORT, 6, True, False),
+    ("masked", torch.float32, VOCAB, 5, False, True),
+]
 
 
-def _full_logits(seed: int, lead: tuple[int, ...], vocab: int, dtype=torch.float32, ties=False):
-    """``[*lead, PADDED]`` logits; columns ``>= vocab`` hold garbage."""
+def _full_logits(
+    seed: int, lead: tuple[int, ...], vocab: int, dtype=torch.float32, ties=False, masked=False
+):
+    """``[*lead, PADDED]`` logits; columns ``>= vocab`` hold garbage.
+
+    ``ties``: a coarse grid (many exact ties, also across shards). ``masked``: ~30 % of the
+    real ids are ``-inf`` (never the ids of :func:`_ids`).
+    """
     gen = torch.Generator().manual_seed(seed)
     full = torch.randn(*lead, PADDED, generator=gen) * 3
-    if ties:  # coarse grid: many exact ties, also across shards
+    if ties:
         full = torch.round(full * 2) / 2
+    if masked:
+        mask = torch.rand(*lead, vocab, generator=gen) < 0.3
+        mask.scatter_(-1, _ids(3, lead, vocab), False)
+        full[..., :vocab].masked_fill_(mask, float("-inf"))
     full[..., vocab:] = 1e4
     if PADDED - vocab > 1:
         full[..., vocab + 1] = float("nan")
@@ -93,13 +108,10 @@ def _rank_cases(tp: int, group_is_none: bool = False):
     def shard(full):
         return _shard(full, rank, tp)
 
-    for dtype_name, dtype, vocab, k, ties in (
-        ("fp32", torch.float32, VOCAB, 5, False),
-        ("bf16", torch.bfloat16, VOCAB_SHORT, 6, True),
-    ):
+    for dtype_name, dtype, vocab, k, ties, masked in DTYPES:
         opts = dict(temperature=TEMPERATURE, vocab_size=vocab, chunk_size=4)
-        student = shard(_full_logits(1, SHAPE, vocab, dtype, ties))
-        teacher = shard(_full_logits(2, SHAPE, vocab, dtype, ties))
+        student = shard(_full_logits(1, SHAPE, vocab, dtype, ties, masked))
+        teacher = shard(_full_logits(2, SHAPE, vocab, dtype, ties, masked))
         ids = _ids(3, SHAPE, vocab)
         case = out[dtype_name] = {}
         case["topk"] = vocab_parallel_topk(student, k, group, **opts)
@@ -172,8 +184,12 @@ def _bad_input_messages(tp: int, rank: int, group):
     nan_one_rank = good.clone()
     if rank == tp - 1:
         nan_one_rank[2, 1, 0] = float("nan")  # id (tp-1)*V_local < VOCAB: a real id
-    neg_inf = good.clone()
-    neg_inf[0, 0, 0] = float("-inf")
+    plus_inf = good.clone()
+    plus_inf[0, 0, 0] = float("inf")
+    all_masked = good.clone()
+    all_masked[1, 2, :] = float("-inf")  # token 5: every id masked on every rank
+    few_left = good.clone()
+    few_left[0, 1, 1:] = float("-inf")  # token 1: TP ids left (one per rank) < k = TP + 1
     cases = {
         "k_too_large": lambda: vocab_parallel_topk(good, VOCAB + 1, group, vocab_size=VOCAB),
         "k_zero": lambda: vocab_parallel_topk_log_probs(good, 0, group),
@@ -193,8 +209,15 @@ def _bad_input_messages(tp: int, rank: int, group):
         "nan_one_rank_entropy": lambda: vocab_parallel_entropy(
             nan_one_rank, group, vocab_size=VOCAB
         ),
-        "neg_inf_topk_log_probs": lambda: vocab_parallel_topk_log_probs(
-            neg_inf, 3, group, vocab_size=VOCAB
+        "plus_inf_topk_log_probs": lambda: vocab_parallel_topk_log_probs(
+            plus_inf, 3, group, vocab_size=VOCAB
+        ),
+        "all_masked_log_probs": lambda: vocab_parallel_logsumexp(
+            all_masked, group, vocab_size=VOCAB
+        ),
+        "all_masked_entropy": lambda: vocab_parallel_entropy(all_masked, group, vocab_size=VOCAB),
+        "too_few_unmasked_topk": lambda: vocab_parallel_topk(
+            few_left, tp + 1, group, vocab_size=VOCAB
         ),
         "temperature": lambda: vocab_parallel_topk(good, 3, group, temperature=0.0),
         "integer_logits": lambda: vocab_parallel_topk(good.long(), 3, group),
@@ -226,13 +249,16 @@ def _results(tp: int, group_is_none: bool = False):
 
 WORLDS = [(1, True), (1, False), (2, False), (4, False)]
 WORLD_IDS = ["tp1-none", "tp1", "tp2", "tp4"]
-DTYPES = [("fp32", torch.float32, VOCAB, 5, False), ("bf16", torch.bfloat16, VOCAB_SHORT, 6, True)]
+DTYPE_IDS = [d[0] for d in DTYPES]
 
 
-def _real(seed, vocab, dtype, ties, temperature=TEMPERATURE, lead=SHAPE):
-    """Real-vocabulary logits / T in float64 (what every op is defined over)."""
-    full = _full_logits(seed, lead, vocab, dtype, ties)
-    return full[..., :vocab].double() / temperature, full
+def _real(seed, vocab, dtype, ties, masked, temperature=TEMPERATURE, lead=SHAPE):
+    """Real-vocabulary logits / T in float64 (what every op is defined over), with masked
+    ids at -1e4 (probability exactly 0 in float64, finite for the autograd reference), and
+    the full padded logits."""
+    full = _full_logits(seed, lead, vocab, dtype, ties, masked)
+    real = full[..., :vocab].double()
+    return torch.where(torch.isinf(real), -1e4, real) / temperature, full
 
 
 def _same_on_all_ranks(results, path):
@@ -258,11 +284,11 @@ def _tol(dtype):
 
 
 @pytest.mark.parametrize("world", WORLDS, ids=WORLD_IDS)
-@pytest.mark.parametrize("case", DTYPES, ids=[d[0] for d in DTYPES])
+@pytest.mark.parametrize("case", DTYPES, ids=DTYPE_IDS)
 def test_topk_values_ids_and_log_probs(world, case):
     results = _results(*world)
-    name, dtype, vocab, k, ties = case
-    scaled, full = _real(1, vocab, dtype, ties)
+    name, dtype, vocab, k, ties, masked = case
+    scaled, full = _real(1, vocab, dtype, ties, masked)
     # Stable descending sort of the whole vocabulary: ties go to the lower id.
     ref = torch.sort(full[..., :vocab].float() / TEMPERATURE, dim=-1, descending=True, stable=True)
     values, ids = _same_on_all_ranks(results, (name, "topk"))
@@ -281,7 +307,8 @@ def test_topk_values_ids_and_log_probs(world, case):
     )
     torch.testing.assert_close(lse.double(), torch.logsumexp(scaled, -1), **_tol(torch.float32))
     # overlap against a set intersection on the reference ids
-    teacher = _full_logits(2, SHAPE, vocab, dtype, ties)[..., :vocab].float() / TEMPERATURE
+    teacher = _full_logits(2, SHAPE, vocab, dtype, ties, masked)[..., :vocab].float()
+    teacher = teacher / TEMPERATURE
     teacher_ids = torch.sort(teacher, dim=-1, descending=True, stable=True).indices[..., :k]
     ratio, in_teacher = _same_on_all_ranks(results, (name, "overlap"))
     for pos in range(SHAPE[0] * SHAPE[1]):
@@ -293,11 +320,11 @@ def test_topk_values_ids_and_log_probs(world, case):
 
 
 @pytest.mark.parametrize("world", WORLDS, ids=WORLD_IDS)
-@pytest.mark.parametrize("case", DTYPES, ids=[d[0] for d in DTYPES])
+@pytest.mark.parametrize("case", DTYPES, ids=DTYPE_IDS)
 def test_differentiable_ops_values_and_gradients(world, case):
     results = _results(*world)
-    name, dtype, vocab, _, ties = case
-    _, full = _real(1, vocab, dtype, ties)
+    name, dtype, vocab, _, ties, masked = case
+    _, full = _real(1, vocab, dtype, ties, masked)
     ids = _ids(3, SHAPE, vocab)
     references = {
         "logsumexp": (lambda s: torch.logsumexp(s, -1), _weights(4, SHAPE)),
@@ -308,8 +335,9 @@ def test_differentiable_ops_values_and_gradients(world, case):
             _weights(7, SHAPE),
         ),
     }
+    finite = torch.where(torch.isinf(full), -1e4, full.double())
     for op, (reference, weight) in references.items():
-        leaf = full.double().requires_grad_(True)
+        leaf = finite.clone().requires_grad_(True)
         ref_out = reference(leaf[..., :vocab] / TEMPERATURE)
         (ref_out * weight).sum().backward()
         out = _same_on_all_ranks(results, (name, op, 0))
@@ -350,10 +378,13 @@ EXPECTED_ERRORS = {
     "ids_wrong_shape": "global_ids has shape (3, 3) but logits has",
     "ids_float": "global_ids must be an integer tensor",
     "teacher_vocab": "student_logits (5, 3, ",
-    "nan_one_rank_topk": "logits holds NaN or +-inf in the real vocabulary",
+    "nan_one_rank_topk": "logits holds NaN or +inf in the real vocabulary",
     "nan_one_rank_log_probs": "first at flattened token 7",
-    "nan_one_rank_entropy": "logits holds NaN or +-inf",
-    "neg_inf_topk_log_probs": "first at flattened token 0",
+    "nan_one_rank_entropy": "logits holds NaN or +inf",
+    "plus_inf_topk_log_probs": "first at flattened token 0",
+    "all_masked_log_probs": "at 1 token(s), the first at flattened token 5",
+    "all_masked_entropy": "at 1 token(s), the first at flattened token 5",
+    "too_few_unmasked_topk": "at 1 token(s), the first at flattened token 1",
     "temperature": "temperature must be a finite number > 0",
     "integer_logits": "logits must be a floating-point tensor",
     "scalar_logits": "logits must be a floating-point tensor [..., V_local]",

@@ -11,9 +11,10 @@ Errors and hangs. A rank that raises while the others enter a collective would l
 others blocked until the process-group timeout. So every op first exchanges a few numbers
 that describe its arguments (shard width, token count, ids shape and checksum, k, vocab_size,
 temperature) in one tiny all-gather, and only then checks them: every rank sees the same
-table and raises the same ``ValueError``. Non-finite logits are found per chunk on the rank
-that holds them; the ops poison that row's exchanged values with NaN, so every rank sees it
-after the exchange it was going to do anyway and raises together at the end of the call.
+table and raises the same ``ValueError``. NaN and ``+inf`` logits are found per chunk on the
+rank that holds them; the ops poison that row's exchanged values with NaN, so every rank sees
+it after the exchange it was going to do anyway and raises together at the end of the call.
+``-inf`` is accepted as a mask (probability 0) as long as enough ids remain.
 """
 
 from __future__ import annotations
@@ -128,10 +129,10 @@ def raise_if_nonfinite(bad_rows: torch.Tensor, name: str, shard: VocabShard) -> 
         first = int(bad_rows.nonzero()[0, 0])
         count = int(bad_rows.sum())
         raise ValueError(
-            f"{name} holds NaN or +-inf in the real vocabulary (ids < vocab_size="
-            f"{shard.vocab_size}) at {count} token(s), the first at flattened token {first}; "
-            "fix the model output (e.g. overflow in low precision, or -inf used as a mask: "
-            "use a large negative finite value instead)"
+            f"{name} holds NaN or +inf in the real vocabulary (ids < vocab_size="
+            f"{shard.vocab_size}), or too few entries above -inf (none, or fewer than k), at "
+            f"{count} token(s), the first at flattened token {first}; fix the model output "
+            "(e.g. overflow in low precision) or the mask (-inf marks a masked id)"
         )
 
 

@@ -6,9 +6,10 @@ stable sort of the whole vocabulary gives: value descending, then id ascending. 
 if (1) each shard returns *its* exact top-K under that order, and (2) the K*TP candidates
 are merged under the same order, because a global winner is always a winner of its shard.
 
-(1) costs one extra comparison pass over the chunk: a row is ambiguous only when more than
-K of its entries reach the K-th value. Those rows (rare in float32, common in bf16) are
-redone exactly: everything above the threshold, plus the lowest-id entries equal to it.
+(1) costs nothing extra: ``torch.topk`` is asked for K + 1 values, and a row is ambiguous
+only when the K-th and the (K+1)-th tie (otherwise the K-set is unique, whatever order
+topk put its ties in). Those rows (rare in float32, common in bf16) are redone exactly:
+everything above the K-th value, plus the lowest-id entries equal to it.
 """
 
 from __future__ import annotations
@@ -31,20 +32,24 @@ def local_topk(
         values = x.new_full((rows, k), float("-inf"))
         ids = torch.full((rows, k), fill_id, dtype=torch.long, device=x.device)
         return values, ids
-    values, cols = torch.topk(x, kept, dim=-1, largest=True, sorted=False)
-    threshold = values.amin(dim=-1, keepdim=True)
-    num_reaching = (x >= threshold).sum(dim=-1)
-    ambiguous = (num_reaching > kept).nonzero().squeeze(1)
-    if ambiguous.numel():
-        rows_x = x.index_select(0, ambiguous)
-        rows_threshold = threshold.index_select(0, ambiguous)
-        above = rows_x > rows_threshold
-        needed = kept - above.sum(dim=-1, keepdim=True)
-        equal = rows_x == rows_threshold
-        take = above | (equal & (equal.cumsum(dim=-1) <= needed))
-        exact_cols = take.nonzero()[:, 1].view(-1, kept)
-        cols[ambiguous] = exact_cols
-        values[ambiguous] = rows_x.gather(1, exact_cols)
+    if kept == width:
+        values, cols = x, torch.arange(width, device=x.device).expand(rows, width)
+        values, cols = values.clone(), cols.clone()
+    else:
+        # One more than needed: the row is ambiguous iff the K-th and (K+1)-th values tie.
+        values, cols = torch.topk(x, kept + 1, dim=-1, largest=True, sorted=True)
+        ambiguous = (values[:, kept - 1] == values[:, kept]).nonzero().squeeze(1)
+        values, cols = values[:, :kept].contiguous(), cols[:, :kept].contiguous()
+        if ambiguous.numel():
+            rows_x = x.index_select(0, ambiguous)
+            threshold = values.index_select(0, ambiguous)[:, kept - 1 :]
+            above = rows_x > threshold
+            needed = kept - above.sum(dim=-1, keepdim=True)
+            equal = rows_x == threshold
+            take = above | (equal & (equal.cumsum(dim=-1) <= needed))
+            exact_cols = take.nonzero()[:, 1].view(-1, kept)
+            cols[ambiguous] = exact_cols
+            values[ambiguous] = rows_x.gather(1, exact_cols)
     ids = cols + vocab_start
     if kept < k:
         values = torch.cat([values, values.new_full((rows, k - kept), float("-inf"))], dim=1)

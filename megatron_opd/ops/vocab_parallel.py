@@ -42,49 +42,21 @@ from megatron_opd.ops.shard import (
     raise_if_nonfinite,
     scaled_chunk,
 )
+from megatron_opd.ops.softmax_functions import (
+    VocabParallelEntropy,
+    VocabParallelGather,
+    VocabParallelLogSoftmax,
+    combine_logsumexp,
+    finite_or_zero,
+    poisoned,
+)
 from megatron_opd.ops.topk_select import local_topk, merge_topk, topk_membership
 
 # ---------------------------------------------------------------------------------------
-# per-chunk math on one shard
-
-
-def _softmax_stats(x: torch.Tensor, writable: bool):
-    """``(max [c], sum exp(x - max) [c], non-finite [c] bool)`` of ``x [c, v]``."""
-    rows, width = x.shape
-    if width == 0:
-        return (
-            x.new_full((rows,), float("-inf")),
-            x.new_zeros(rows),
-            torch.zeros(rows, dtype=torch.bool, device=x.device),
-        )
-    low, high = torch.aminmax(x, dim=-1)
-    bad = ~(torch.isfinite(low) & torch.isfinite(high))
-    shifted = x.sub_(high[:, None]) if writable else x - high[:, None]
-    return high, shifted.exp_().sum(dim=-1), bad
-
-
-def _combine_logsumexp(maxes: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
-    """``[c]`` global log-sum-exp from per-rank ``maxes``/``sums`` ``[TP, c]``."""
-    top = maxes.amax(dim=0)
-    return top + torch.log((sums * torch.exp(maxes - top)).sum(dim=0))
-
-
-def _gather_owned(x: torch.Tensor, cols: torch.Tensor, owned: torch.Tensor) -> torch.Tensor:
-    """``x[i, cols[i, j]]`` where ``owned``, else 0; ``[c, n]``."""
-    if x.shape[1] == 0:
-        return x.new_zeros(cols.shape)
-    return torch.where(owned, x.gather(1, cols), 0.0)
-
-
-def _local_columns(global_ids: torch.Tensor, shard: VocabShard):
-    """Shard-local column of each id (0 where not owned) and the ownership mask."""
-    local = global_ids - shard.vocab_start
-    owned = (local >= 0) & (local < shard.num_valid)
-    return torch.where(owned, local, 0), owned
-
-
-# ---------------------------------------------------------------------------------------
 # top-K (no gradient)
+
+
+_SHORT_FLOATS = (torch.bfloat16, torch.float16)
 
 
 def _topk_impl(
@@ -95,6 +67,11 @@ def _topk_impl(
     chunk_tokens: int,
     with_logsumexp: bool,
 ):
+    """Chunked global top-``k`` of ``flat [N, V_local] / temperature``.
+
+    Returns ``(values [N, k], ids [N, k], logsumexp [N] or None, bad [N])``; ``bad`` is
+    identical on every rank (NaN / +inf, or fewer than ``k`` entries above ``-inf``).
+    """
     num_tokens = flat.shape[0]
     dtype = compute_dtype(flat.dtype)
     values = torch.empty(num_tokens, k, dtype=dtype, device=flat.device)
@@ -103,31 +80,37 @@ def _topk_impl(
     bad = torch.zeros(num_tokens, dtype=torch.bool, device=flat.device)
     fill_id = shard.padded_vocab_size
     for start, end in chunk_ranges(num_tokens, chunk_tokens):
-        x, writable = scaled_chunk(flat[start:end, : shard.num_valid], temperature)
-        cand_values, cand_ids = local_topk(x, k, shard.vocab_start, fill_id)
-        rows_bad = torch.zeros(end - start, dtype=torch.bool, device=flat.device)
-        if x.shape[1]:
-            # NaN shows up in topk (ranked largest), +inf too; -inf only in the minimum.
-            real_max = cand_values[:, : min(k, x.shape[1])].amax(dim=-1)
-            rows_bad = ~(torch.isfinite(x.amin(dim=-1)) & torch.isfinite(real_max))
+        raw = flat[start:end, : shard.num_valid]
+        # bf16/fp16 are ranked as stored: dividing them by T in fp32 keeps both their order
+        # and their ties (their spacing is far above fp32 rounding), so no fp32 copy is made.
+        if temperature == 1.0 or raw.dtype in _SHORT_FLOATS:
+            ranked = raw
+        else:
+            ranked = raw / temperature
+        ranked_values, cand_ids = local_topk(ranked, k, shard.vocab_start, fill_id)
+        cand_values = ranked_values.to(dtype)
+        if ranked is raw and temperature != 1.0:
+            cand_values = cand_values / temperature
+        # NaN ranks above everything in torch.topk, so a poisoned row shows it here.
+        rows_bad = poisoned(cand_values).any(dim=-1)
         packed = cand_values
         if with_logsumexp:
-            local_max = cand_values.amax(dim=-1)
-            if x.shape[1]:
-                shifted = x.sub_(local_max[:, None]) if writable else x - local_max[:, None]
-                local_sum = shifted.exp_().sum(dim=-1)
-            else:
-                local_sum = x.new_zeros(end - start)
-            packed = torch.cat([cand_values, local_sum[:, None]], dim=1)
+            x, writable = (ranked, True) if ranked is not raw else scaled_chunk(raw, temperature)
+            local_max = finite_or_zero(cand_values.amax(dim=-1))[:, None]
+            shifted = x.sub_(local_max) if writable else x - local_max
+            packed = torch.cat([cand_values, shifted.exp_().sum(dim=-1, keepdim=True)], dim=1)
         packed = torch.where(rows_bad[:, None], float("nan"), packed)
         gathered = all_gather_stacked(packed, shard)  # [TP, c, k (+1)]
         gathered_ids = all_gather_stacked(cand_ids, shard)  # [TP, c, k]
-        bad[start:end] = torch.isnan(gathered).any(dim=2).any(dim=0)
         all_values = gathered[..., :k].permute(1, 0, 2).reshape(end - start, -1)
         all_ids = gathered_ids.permute(1, 0, 2).reshape(end - start, -1)
-        values[start:end], ids[start:end] = merge_topk(all_values, all_ids, k)
+        chunk_values, ids[start:end] = merge_topk(all_values, all_ids, k)
+        values[start:end] = chunk_values
+        chunk_bad = torch.isnan(chunk_values).any(dim=-1) | (chunk_values == float("-inf")).any(-1)
         if with_logsumexp:
-            lse[start:end] = _combine_logsumexp(gathered[..., :k].amax(dim=2), gathered[..., k])
+            lse[start:end] = combine_logsumexp(gathered[..., :k].amax(dim=2), gathered[..., k])
+            chunk_bad |= ~torch.isfinite(lse[start:end])
+        bad[start:end] = chunk_bad
     return values, ids, lse, bad
 
 
@@ -262,142 +245,6 @@ def topk_overlap(
 # differentiable ops
 
 
-class _VocabParallelGather(torch.autograd.Function):
-    """``logits[..., ids] / T`` over shards; the gradient goes to the owning shard."""
-
-    @staticmethod
-    def forward(ctx, flat, ids, shard, temperature):
-        cols, owned = _local_columns(ids, shard)
-        dtype = compute_dtype(flat.dtype)
-        picked = _gather_owned(flat[:, : shard.num_valid], cols, owned).to(dtype) / temperature
-        if shard.distributed:
-            dist.all_reduce(picked, group=shard.tp_group)
-        raise_if_nonfinite(~torch.isfinite(picked).all(dim=-1), "logits (at global_ids)", shard)
-        ctx.save_for_backward(cols, owned)
-        ctx.meta = (flat.shape, flat.dtype, shard, temperature)
-        return picked
-
-    @staticmethod
-    def backward(ctx, grad_picked):
-        cols, owned = ctx.saved_tensors
-        shape, dtype, shard, temperature = ctx.meta
-        grad = torch.zeros(shape, dtype=dtype, device=grad_picked.device)
-        contribution = torch.where(owned, grad_picked / temperature, 0.0).to(dtype)
-        grad.scatter_add_(1, cols, contribution)
-        return grad, None, None, None
-
-
-class _VocabParallelLogSoftmax(torch.autograd.Function):
-    """``(logits[..., ids] / T [N, n], logsumexp(logits / T) [N])``, chunked, differentiable."""
-
-    @staticmethod
-    def forward(ctx, flat, ids, shard, temperature, chunk_tokens):
-        num_tokens, num_ids = ids.shape
-        dtype = compute_dtype(flat.dtype)
-        picked = torch.empty(num_tokens, num_ids, dtype=dtype, device=flat.device)
-        lse = torch.empty(num_tokens, dtype=dtype, device=flat.device)
-        bad = torch.zeros(num_tokens, dtype=torch.bool, device=flat.device)
-        cols, owned = _local_columns(ids, shard)
-        for start, end in chunk_ranges(num_tokens, chunk_tokens):
-            x, writable = scaled_chunk(flat[start:end, : shard.num_valid], temperature)
-            local = _gather_owned(x, cols[start:end], owned[start:end])
-            local_max, local_sum, rows_bad = _softmax_stats(x, writable)
-            packed = torch.cat([local, local_max[:, None], local_sum[:, None]], dim=1)
-            packed = torch.where(rows_bad[:, None], float("nan"), packed)
-            gathered = all_gather_stacked(packed, shard)  # [TP, c, n + 2]
-            bad[start:end] = torch.isnan(gathered).any(dim=2).any(dim=0)
-            picked[start:end] = gathered[..., :num_ids].sum(dim=0)
-            lse[start:end] = _combine_logsumexp(gathered[..., num_ids], gathered[..., num_ids + 1])
-        raise_if_nonfinite(bad, "logits", shard)
-        ctx.save_for_backward(flat, cols, owned, lse)
-        ctx.meta = (shard, temperature, chunk_tokens)
-        return picked, lse
-
-    @staticmethod
-    def backward(ctx, grad_picked, grad_lse):
-        flat, cols, owned, lse = ctx.saved_tensors
-        shard, temperature, chunk_tokens = ctx.meta
-        grad = torch.zeros_like(flat)
-        width = shard.num_valid
-        for start, end in chunk_ranges(flat.shape[0], chunk_tokens):
-            if width == 0:
-                break
-            x, writable = scaled_chunk(flat[start:end, :width], temperature)
-            # d lse / d x = softmax(x); d picked / d x = one-hot at the owned ids.
-            shifted = x.sub_(lse[start:end, None]) if writable else x - lse[start:end, None]
-            chunk_grad = shifted.exp_().mul_(grad_lse[start:end, None])
-            if cols.shape[1]:
-                owned_grad = torch.where(owned[start:end], grad_picked[start:end], 0.0)
-                chunk_grad.scatter_add_(1, cols[start:end], owned_grad.to(chunk_grad.dtype))
-            if temperature != 1.0:
-                chunk_grad.div_(temperature)
-            grad[start:end, :width] = chunk_grad
-        return grad, None, None, None, None
-
-
-class _VocabParallelEntropy(torch.autograd.Function):
-    """Entropy of ``softmax(logits / T)`` per token ``[N]``, chunked, differentiable."""
-
-    @staticmethod
-    def forward(ctx, flat, shard, temperature, chunk_tokens):
-        num_tokens = flat.shape[0]
-        dtype = compute_dtype(flat.dtype)
-        entropy = torch.empty(num_tokens, dtype=dtype, device=flat.device)
-        lse = torch.empty(num_tokens, dtype=dtype, device=flat.device)
-        bad = torch.zeros(num_tokens, dtype=torch.bool, device=flat.device)
-        for start, end in chunk_ranges(num_tokens, chunk_tokens):
-            x, writable = scaled_chunk(flat[start:end, : shard.num_valid], temperature)
-            rows = end - start
-            if x.shape[1]:
-                low, high = torch.aminmax(x, dim=-1)
-                rows_bad = ~(torch.isfinite(low) & torch.isfinite(high))
-                shifted = x.sub_(high[:, None]) if writable else x - high[:, None]
-                weights = shifted.exp()
-                local_sum = weights.sum(dim=-1)
-                # sum_v exp(x_v - m) (x_v - m): the exp-weighted mean's numerator.
-                local_moment = weights.mul_(shifted).sum(dim=-1)
-            else:
-                high = x.new_full((rows,), float("-inf"))
-                local_sum = local_moment = x.new_zeros(rows)
-                rows_bad = torch.zeros(rows, dtype=torch.bool, device=flat.device)
-            packed = torch.stack([high, local_sum, local_moment], dim=1)
-            packed = torch.where(rows_bad[:, None], float("nan"), packed)
-            gathered = all_gather_stacked(packed, shard)  # [TP, c, 3]
-            bad[start:end] = torch.isnan(gathered).any(dim=2).any(dim=0)
-            maxes, sums, moments = gathered.unbind(dim=2)
-            top = maxes.amax(dim=0)
-            scale = torch.exp(maxes - top)
-            # Shift each rank's moment from its own max to the global one; empty shards
-            # (max -inf, sum 0) contribute nothing.
-            shifted_moments = torch.where(scale > 0, (moments + (maxes - top) * sums) * scale, 0.0)
-            total = (sums * scale).sum(dim=0)
-            log_total = torch.log(total)
-            lse[start:end] = top + log_total
-            entropy[start:end] = log_total - shifted_moments.sum(dim=0) / total
-        raise_if_nonfinite(bad, "logits", shard)
-        ctx.save_for_backward(flat, lse, entropy)
-        ctx.meta = (shard, temperature, chunk_tokens)
-        return entropy
-
-    @staticmethod
-    def backward(ctx, grad_entropy):
-        flat, lse, entropy = ctx.saved_tensors
-        shard, temperature, chunk_tokens = ctx.meta
-        grad = torch.zeros_like(flat)
-        width = shard.num_valid
-        for start, end in chunk_ranges(flat.shape[0], chunk_tokens):
-            if width == 0:
-                break
-            x, writable = scaled_chunk(flat[start:end, :width], temperature)
-            # dH/dx_v = -p_v (log p_v + H)
-            log_p = x.sub_(lse[start:end, None]) if writable else x - lse[start:end, None]
-            p = log_p.exp()
-            chunk_grad = p.mul_(log_p.add_(entropy[start:end, None]))
-            chunk_grad.mul_((-grad_entropy[start:end] / temperature)[:, None])
-            grad[start:end, :width] = chunk_grad
-        return grad, None, None, None
-
-
 def vocab_parallel_gather(
     logits: torch.Tensor,
     global_ids: torch.Tensor,
@@ -428,7 +275,7 @@ def vocab_parallel_gather(
     )
     flat = logits.reshape(-1, shard.local_size)
     ids = global_ids.reshape(flat.shape[0], global_ids.shape[-1]).long()
-    picked = _VocabParallelGather.apply(flat, ids, shard, float(temperature))
+    picked = VocabParallelGather.apply(flat, ids, shard, float(temperature))
     return picked.view(global_ids.shape)
 
 
@@ -450,7 +297,7 @@ def vocab_parallel_logsumexp(
     )
     flat = logits.reshape(-1, shard.local_size)
     no_ids = torch.empty(flat.shape[0], 0, dtype=torch.long, device=flat.device)
-    _, lse = _VocabParallelLogSoftmax.apply(
+    _, lse = VocabParallelLogSoftmax.apply(
         flat, no_ids, shard, float(temperature), chunk_tokens_for(chunk_size, shard.local_size)
     )
     return lse.view(logits.shape[:-1])
@@ -486,7 +333,7 @@ def vocab_parallel_log_probs(
     )
     flat = logits.reshape(-1, shard.local_size)
     ids = global_ids.reshape(flat.shape[0], global_ids.shape[-1]).long()
-    picked, lse = _VocabParallelLogSoftmax.apply(
+    picked, lse = VocabParallelLogSoftmax.apply(
         flat, ids, shard, float(temperature), chunk_tokens_for(chunk_size, shard.local_size)
     )
     return (picked - lse[:, None]).view(global_ids.shape)
@@ -508,7 +355,7 @@ def vocab_parallel_entropy(
         logits, tp_group, vocab_size=vocab_size, temperature=temperature, chunk_size=chunk_size
     )
     flat = logits.reshape(-1, shard.local_size)
-    entropy = _VocabParallelEntropy.apply(
+    entropy = VocabParallelEntropy.apply(
         flat, shard, float(temperature), chunk_tokens_for(chunk_size, shard.local_size)
     )
     return entropy.view(logits.shape[:-1])
