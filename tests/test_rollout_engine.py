@@ -180,11 +180,12 @@ def _engine_cases(groups, student, teacher, eos):
 
     prune = PruneConfig(metric="overlap", threshold=TAU, top_k=TOP_K, w_drop=W_DROP, w_base=0.0)
     scorer = ChunkScorer(teacher, groups, prune, vocab_size=VOCAB_SIZE)
-    engine = _engine(groups, student, [], temperature=1.0, n=2, chunk_size=3,
+    engine = _engine(groups, student, eos, temperature=1.0, n=2, chunk_size=3,
                      generation_batch_size=5)  # fmt: skip
     chunked = engine.generate(PROMPTS, max_new_tokens=NUM_NEW, seed=9, chunk_listener=scorer)
     scorer.fill_batch(chunked)
     res["chunk_lengths"] = chunked.response_lengths.tolist()
+    res["chunk_rows"] = [tokens for tokens, _ in _rows(chunked)]
     if groups.is_last_stage:
         online = (chunked.weights.clone(), chunked.overlap_ratio.clone(), chunked.effective_lengths)
         res["stop_reason"] = scorer.stopper.stop_reason.tolist()
@@ -349,10 +350,18 @@ def test_chunked_online_stop_equals_full_scoring(runs, layout):
         torch.testing.assert_close(online[0], full[0])  # weights [b, s]
         torch.testing.assert_close(online[1], full[1])  # overlap ratio [b, s]
         assert torch.equal(online[2], full[2])  # effective lengths
-        # The stopper did stop some rows before the budget (and at a chunk end, keeping the
-        # chunk's tokens), and let at least one run on: the comparison is not vacuous.
-        stopped = [n for n, why in zip(lengths, res["stop_reason"]) if why != 0]
-        assert stopped and all(n % 3 == 0 and n < NUM_NEW for n in stopped)
+        # The stopper stopped some rows before the budget, at a chunk end (keeping the
+        # chunk's tokens), some rows ended at EOS inside a chunk and were still scored to
+        # their end, and one row at least ran on: the comparison is not vacuous.
+        eos = runs[0]["eos"]
+        ended_at_eos = [row[-1] in eos for row in res["chunk_rows"]]
+        stopped = [
+            n for n, why, at_eos in zip(lengths, res["stop_reason"], ended_at_eos)
+            if why != 0 and not at_eos
+        ]  # fmt: skip
+        assert all(n % 3 == 0 or n == NUM_NEW for n in stopped)
+        assert any(n < NUM_NEW for n in stopped)
+        assert any(at_eos and n % 3 != 0 for n, at_eos in zip(lengths, ended_at_eos))
         assert any(why == 0 for why in res["stop_reason"])
 
 
