@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import re
 import textwrap
 import types
 import typing
@@ -19,6 +20,8 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+
+_YAML12_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -120,6 +123,10 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
             raise ValueError(f"{name} must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str) and _YAML12_FLOAT.fullmatch(value.strip()):
+            # PyYAML (YAML 1.1) reads ``1e-6`` (no dot) as a string; YAML 1.2 and users
+            # mean a number.
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{name} must be a number, got {value!r}")
         return float(value)
