@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_DIR = REPO / "tests" / "slurm_jobs"
-JOB_TIMEOUT_S = 120
+JOB_TIMEOUT_S = 300  # generous: a loaded 2-core CI box can take a minute per job
 POLL_INTERVAL_S = 0.25  # sbatch --wait backs off to multi-second polls; squeue is quicker
 
 pytestmark = pytest.mark.slurm
@@ -153,7 +153,7 @@ def jobs(tmp_path_factory):
         "--gpus-per-node=0",
         "--exclusive=user",  # the header asks for whole nodes; share with tp_check
         "slurm/train_opd.sbatch",
-        "trainer.max_steps=3",
+        "training.num_steps=3",
     )
     return {"env": env, "tp_check": tp_check, "train": train}
 
@@ -215,6 +215,9 @@ def test_two_task_sbatch_job_runs_tp_collectives(jobs):
         torch.testing.assert_close(
             torch.tensor(result["vocab_parallel_ce"]), expected_loss, rtol=1e-5, atol=1e-5
         )
+        torch.testing.assert_close(
+            -torch.tensor(result["opd_target_log_probs"]), expected_loss, rtol=1e-5, atol=1e-5
+        )
 
 
 def test_train_sbatch_under_real_srun(jobs):
@@ -231,7 +234,7 @@ def test_train_sbatch_under_real_srun(jobs):
             "examples/recipe.yaml",
             "parallel.tensor_parallel_size=2",
             "parallel.pipeline_parallel_size=1",
-            "trainer.max_steps=3",
+            "training.num_steps=3",
         ]
         assert (launch["rank"], launch["local_rank"], launch["world_size"]) == (task, task, 2)
         assert launch["master_addr"] == _first_host(env, record)

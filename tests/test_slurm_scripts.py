@@ -108,7 +108,7 @@ def test_train_sbatch_launches_megatron_opd_train_once_per_gpu(tmp_path):
     done, argv, rendezvous = _run_sbatch_script(
         tmp_path,
         "train_opd.sbatch",
-        "trainer.max_steps=3",
+        "training.num_steps=3",
         CONFIG="examples/recipe.yaml",
         MODEL="qwen3_8b",
     )
@@ -121,7 +121,7 @@ def test_train_sbatch_launches_megatron_opd_train_once_per_gpu(tmp_path):
         "examples/recipe.yaml",
         "parallel.tensor_parallel_size=2",  # qwen3_8b.sh MODEL_TP
         "parallel.pipeline_parallel_size=1",
-        "trainer.max_steps=3",
+        "training.num_steps=3",
     ]
     assert "--nodes=2" in srun_options
     assert "--ntasks-per-node=8" in srun_options  # 2 x 8 = 16 ranks

@@ -1,8 +1,9 @@
 """One task of tp_check.sbatch: TP=2 collectives launched by srun, results as JSON lines.
 
 Each rank prints ``RESULT {...}`` with its launch layout, the sum of ``rank + 1`` over the
-TP group, and the per-token cross-entropy of a vocab-parallel computation over its shard
-of fixed random logits. The test recomputes the full-vocabulary loss in its own process.
+TP group, and two vocab-parallel results over its shard of fixed random logits: Megatron's
+cross-entropy and megatron_opd's log-probability of the target. The test recomputes the
+full-vocabulary loss in its own process.
 """
 
 import json
@@ -27,8 +28,10 @@ def fixed_logits_and_targets() -> tuple[torch.Tensor, torch.Tensor]:
 def main() -> None:
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
+    from megatron_opd.ops.vocab_parallel import vocab_parallel_log_probs
+
     launch = read_launch_env()
-    groups = init_distributed(ParallelConfig(tensor_parallel_size=2, timeout_seconds=60))
+    groups = init_distributed(ParallelConfig(tensor_parallel_size=2, timeout_seconds=180))
     try:
         summed = torch.tensor([float(groups.rank + 1)])
         torch.distributed.all_reduce(summed, group=groups.tp_group)
@@ -37,6 +40,9 @@ def main() -> None:
         start, end = groups.vocab_partition(VOCAB)
         # Megatron overwrites its logits argument in place: hand it a copy.
         loss = vocab_parallel_cross_entropy(logits[..., start:end].clone(), targets)
+        target_log_probs = vocab_parallel_log_probs(
+            logits[..., start:end], targets[..., None], groups.tp_group
+        )[..., 0]
 
         result = {
             "python": sys.executable,
@@ -50,6 +56,7 @@ def main() -> None:
             "vocab_partition": [start, end],
             "tp_allreduce_sum": summed.item(),
             "vocab_parallel_ce": loss.tolist(),
+            "opd_target_log_probs": target_log_probs.tolist(),
         }
         print("RESULT " + json.dumps(result), flush=True)
     finally:
