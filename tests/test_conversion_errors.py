@@ -149,3 +149,13 @@ def test_interrupted_conversion_leaves_no_complete_looking_output(tmp_path):
     (tmp_path / "ckpt" / "conversion.json").write_text("{}")
     with pytest.raises(ValueError, match="incomplete"):
         read_conversion_metadata(tmp_path / "ckpt")
+
+
+def test_cli_entry_points_have_help(capsys):
+    from megatron_opd.conversion.cli import main_hf_to_megatron, main_megatron_to_hf, main_verify
+
+    for main, flag in ((main_hf_to_megatron, "--hf-dir"), (main_megatron_to_hf, "--megatron-dir"),
+                       (main_verify, "--atol")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--help"])
+        assert exit_info.value.code == 0 and flag in capsys.readouterr().out

@@ -134,21 +134,29 @@ def main_verify(argv: list[str] | None = None) -> int:
     from megatron_opd.conversion.megatron_ckpt import load_model_weights
     from megatron_opd.models.builder import build_model
 
-    groups = _init(args.tp, args.pp)
-    try:
-        model_config = ModelConfig(path=args.megatron_dir or args.hf_dir, transformer_impl="local")
-        chunks, info = build_model(model_config, groups, role="teacher")
-        load_model_weights(chunks, model_config, info, groups)
-        generator = torch.Generator().manual_seed(args.seed)
-        ids = torch.randint(0, info.vocab_size, (args.batch, args.seq_len), generator=generator)
-        megatron_logits = gather_full_logits(chunks, ids, info, groups)
-        if groups.rank != 0:
-            return 0
+    from megatron_opd.models.hf_config import read_model_info
+
+    vocab_size = read_model_info(args.hf_dir).vocab_size
+    generator = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, vocab_size, (args.batch, args.seq_len), generator=generator)
+    hf_logits = None
+    if int(os.environ.get("RANK", "0")) == 0:
+        # The reference runs before Megatron exists in this process: a transformers model
+        # loaded after a Megatron build under the CPU compat layer got garbage RoPE buffers.
         from transformers import AutoModelForCausalLM
 
         hf_model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32).eval()
         with torch.no_grad():
             hf_logits = hf_model(ids).logits.float()
+        del hf_model
+    groups = _init(args.tp, args.pp)
+    try:
+        model_config = ModelConfig(path=args.megatron_dir or args.hf_dir, transformer_impl="local")
+        chunks, info = build_model(model_config, groups, role="teacher")
+        load_model_weights(chunks, model_config, info, groups)
+        megatron_logits = gather_full_logits(chunks, ids, info, groups)
+        if groups.rank != 0:
+            return 0
         max_diff = (hf_logits - megatron_logits).abs().max().item()
         hf_logp = torch.log_softmax(hf_logits, -1)
         mg_logp = torch.log_softmax(megatron_logits, -1)
