@@ -133,7 +133,6 @@ def main_verify(argv: list[str] | None = None) -> int:
     from megatron_opd.conversion.logits import gather_full_logits
     from megatron_opd.conversion.megatron_ckpt import load_model_weights
     from megatron_opd.models.builder import build_model
-
     from megatron_opd.models.hf_config import read_model_info
 
     vocab_size = read_model_info(args.hf_dir).vocab_size
