@@ -117,6 +117,7 @@ class VocabParallelLogSoftmax(torch.autograd.Function):
             x, writable = scaled_chunk(flat[start:end, : shard.num_valid], temperature)
             local = _gather_owned(x, cols[start:end], owned[start:end])
             local_max, local_sum = softmax_stats(x, writable)
+            del x  # free this chunk's buffer before the next chunk allocates one
             packed = torch.cat([local, local_max[:, None], local_sum[:, None]], dim=1)
             packed = torch.where(poisoned(local_max)[:, None], float("nan"), packed)
             gathered = all_gather_stacked(packed, shard)  # [TP, c, n + 2]
@@ -146,6 +147,7 @@ class VocabParallelLogSoftmax(torch.autograd.Function):
             if temperature != 1.0:
                 chunk_grad.div_(temperature)
             grad[start:end, :width] = chunk_grad
+            del x, shifted, chunk_grad  # one chunk buffer alive at a time
         return grad, None, None, None, None
 
 
@@ -176,6 +178,7 @@ class VocabParallelEntropy(torch.autograd.Function):
         for start, end in chunk_ranges(num_tokens, chunk_tokens):
             x, writable = scaled_chunk(flat[start:end, : shard.num_valid], temperature)
             high, local_sum, local_moment = _entropy_stats(x, writable)
+            del x  # free this chunk's buffer before the next chunk allocates one
             packed = torch.stack([high, local_sum, local_moment], dim=1)
             packed = torch.where(poisoned(high)[:, None], float("nan"), packed)
             maxes, sums, moments = all_gather_stacked(packed, shard).unbind(dim=2)  # [TP, c]
@@ -211,4 +214,5 @@ class VocabParallelEntropy(torch.autograd.Function):
             chunk_grad = p.mul_(log_p.add_(entropy[start:end, None]))
             chunk_grad.mul_((-grad_entropy[start:end] / temperature)[:, None])
             grad[start:end, :width] = chunk_grad
+            del x, log_p, p, chunk_grad  # at most two chunk buffers alive at a time
         return grad, None, None, None

@@ -59,6 +59,37 @@ from megatron_opd.ops.topk_select import local_topk, merge_topk, topk_membership
 _SHORT_FLOATS = (torch.bfloat16, torch.float16)
 
 
+def _local_candidates(
+    raw: torch.Tensor, k: int, shard: VocabShard, temperature: float, with_logsumexp: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This shard's part of a top-K exchange for one chunk ``raw [c, v]`` (real columns).
+
+    Returns ``(packed [c, k (+1)], ids [c, k])``: the local top-``k`` scaled values (and,
+    with ``with_logsumexp``, ``sum exp(x - local max)``), NaN on rows holding NaN / +inf.
+    A function of its own so every chunk-sized temporary is freed on return.
+    """
+    dtype = compute_dtype(raw.dtype)
+    # bf16/fp16 are ranked as stored: dividing them by T in fp32 keeps both their order
+    # and their ties (their spacing is far above fp32 rounding), so no fp32 copy is made.
+    if temperature == 1.0 or raw.dtype in _SHORT_FLOATS:
+        ranked = raw
+    else:
+        ranked = raw / temperature
+    ranked_values, ids = local_topk(ranked, k, shard.vocab_start, shard.padded_vocab_size)
+    values = ranked_values.to(dtype)
+    if ranked is raw and temperature != 1.0:
+        values = values / temperature
+    # NaN ranks above everything in torch.topk, so a poisoned row shows it here.
+    rows_bad = poisoned(values).any(dim=-1)
+    packed = values
+    if with_logsumexp:
+        x, writable = (ranked, True) if ranked is not raw else scaled_chunk(raw, temperature)
+        local_max = finite_or_zero(values.amax(dim=-1))[:, None]
+        shifted = x.sub_(local_max) if writable else x - local_max
+        packed = torch.cat([values, shifted.exp_().sum(dim=-1, keepdim=True)], dim=1)
+    return torch.where(rows_bad[:, None], float("nan"), packed), ids
+
+
 def _topk_impl(
     flat: torch.Tensor,
     shard: VocabShard,
@@ -78,35 +109,18 @@ def _topk_impl(
     ids = torch.empty(num_tokens, k, dtype=torch.long, device=flat.device)
     lse = torch.empty(num_tokens, dtype=dtype, device=flat.device) if with_logsumexp else None
     bad = torch.zeros(num_tokens, dtype=torch.bool, device=flat.device)
-    fill_id = shard.padded_vocab_size
     for start, end in chunk_ranges(num_tokens, chunk_tokens):
-        raw = flat[start:end, : shard.num_valid]
-        # bf16/fp16 are ranked as stored: dividing them by T in fp32 keeps both their order
-        # and their ties (their spacing is far above fp32 rounding), so no fp32 copy is made.
-        if temperature == 1.0 or raw.dtype in _SHORT_FLOATS:
-            ranked = raw
-        else:
-            ranked = raw / temperature
-        ranked_values, cand_ids = local_topk(ranked, k, shard.vocab_start, fill_id)
-        cand_values = ranked_values.to(dtype)
-        if ranked is raw and temperature != 1.0:
-            cand_values = cand_values / temperature
-        # NaN ranks above everything in torch.topk, so a poisoned row shows it here.
-        rows_bad = poisoned(cand_values).any(dim=-1)
-        packed = cand_values
-        if with_logsumexp:
-            x, writable = (ranked, True) if ranked is not raw else scaled_chunk(raw, temperature)
-            local_max = finite_or_zero(cand_values.amax(dim=-1))[:, None]
-            shifted = x.sub_(local_max) if writable else x - local_max
-            packed = torch.cat([cand_values, shifted.exp_().sum(dim=-1, keepdim=True)], dim=1)
-        packed = torch.where(rows_bad[:, None], float("nan"), packed)
+        packed, cand_ids = _local_candidates(
+            flat[start:end, : shard.num_valid], k, shard, temperature, with_logsumexp
+        )
         gathered = all_gather_stacked(packed, shard)  # [TP, c, k (+1)]
         gathered_ids = all_gather_stacked(cand_ids, shard)  # [TP, c, k]
         all_values = gathered[..., :k].permute(1, 0, 2).reshape(end - start, -1)
         all_ids = gathered_ids.permute(1, 0, 2).reshape(end - start, -1)
         chunk_values, ids[start:end] = merge_topk(all_values, all_ids, k)
         values[start:end] = chunk_values
-        chunk_bad = torch.isnan(chunk_values).any(dim=-1) | (chunk_values == float("-inf")).any(-1)
+        chunk_bad = torch.isnan(gathered).any(dim=2).any(dim=0)
+        chunk_bad |= (chunk_values == float("-inf")).any(dim=-1)
         if with_logsumexp:
             lse[start:end] = combine_logsumexp(gathered[..., :k].amax(dim=2), gathered[..., k])
             chunk_bad |= ~torch.isfinite(lse[start:end])
