@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from megatron_opd.config.opd import OPDConfig
-from megatron_opd.distributed import destroy_distributed, init_distributed
+from megatron_opd.distributed import destroy_distributed, destroy_model_parallel, init_distributed
 
 
-def run_training(config: OPDConfig) -> list[dict[str, float]]:
-    """Run Prune-OPD with ``config`` in this process (one rank of torchrun/srun)."""
+def run_training(
+    config: OPDConfig, *, destroy_process_group: bool = True
+) -> list[dict[str, float]]:
+    """Run Prune-OPD with ``config`` in this process (one rank of torchrun/srun).
+
+    ``destroy_process_group=False`` keeps the default group alive (in-process tests).
+    """
     from megatron_opd.training.setup import build_components
     from megatron_opd.training.trainer import Trainer
 
@@ -26,9 +31,13 @@ def run_training(config: OPDConfig) -> list[dict[str, float]]:
                 config.checkpoint.export_hf_dir,
                 components.student_info,
                 groups,
+                tokenizer_dir=components.student_info.hf_dir or None,
             )
         return history
     finally:
         if components is not None:
             components.log.close()
-        destroy_distributed()
+        if destroy_process_group:
+            destroy_distributed()
+        else:
+            destroy_model_parallel()

@@ -62,8 +62,14 @@ def _worker_main(rank, world_size, port, tasks, results, collective_timeout_s, e
     except BaseException:  # noqa: BLE001 - report any start-up failure to the parent
         results.put((rank, "error", traceback.format_exc()))
         return
+    parent = os.getppid()
     while True:
-        task = tasks.get()
+        try:
+            task = tasks.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # the test process died: do not linger
+                break
+            continue
         if task is None:
             break
         fn, args, kwargs = task
@@ -121,7 +127,9 @@ class DistributedPool:
                     self.collective_timeout_s,
                     env,
                 ),
-                daemon=True,
+                # Not daemonic: dist_checkpointing forks writer processes, which daemons may
+                # not do. Workers exit on their own when the parent process disappears.
+                daemon=False,
             )  # fmt: skip
             for r in range(self.world_size)
         ]

@@ -66,7 +66,8 @@ def make_tiny_run(root: str | Path, *, num_prompts: int = 64, seed: int = 0) -> 
     return [
         f"student.path={student}",
         f"teacher.path={teacher}",
-        f"data.train_files=[{prompts}]",
+        f"data.train_path={prompts}",
+        "data.max_prompt_length=64",
         "data.prompts_per_step=2",
         "rollout.n_samples_per_prompt=2",
         "rollout.max_new_tokens=16",

@@ -62,10 +62,32 @@ class RunComponents:
         }
 
 
+class StepPrompts:
+    """Each step's global prompt batch, split over data-parallel ranks (resumable)."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def next_prompts(self, *, dp_rank: int, dp_size: int) -> tuple[list[list[int]], list[str]]:
+        """This DP rank's ``(prompt token ids, answers)`` of the next step."""
+        batch = self.loader.next_batch()
+        per_rank = len(batch) // dp_size
+        mine = batch[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+        return [list(p.token_ids) for p in mine], [p.answer or "" for p in mine]
+
+    def state_dict(self) -> dict:
+        """Position in the prompt stream."""
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at a saved position."""
+        self.loader.load_state_dict(state)
+
+
 def build_components(config: OPDConfig, groups: ParallelGroups) -> RunComponents:
     """Tokenizer, models, engine, data and logger of a run (on every rank)."""
     from megatron_opd.conversion import load_model_weights
-    from megatron_opd.data.dataset import PromptDataset
+    from megatron_opd.data.prompts import PromptLoader, load_prompt_dataset
     from megatron_opd.data.tokenizer import load_tokenizer
     from megatron_opd.models import build_model
     from megatron_opd.models.hf_config import find_hf_config_dir
@@ -105,12 +127,28 @@ def build_components(config: OPDConfig, groups: ParallelGroups) -> RunComponents
             pad_id=tokenizer.pad_id,
             vocab_size=student_info.vocab_size,
         )
-    dataset = PromptDataset(
-        config.data,
+    if not config.data.train_path:
+        raise ValueError("data.train_path is empty; set it to a .jsonl or .parquet prompt file")
+    if config.data.max_prompt_length + config.rollout.max_new_tokens > max_context:
+        raise ValueError(
+            f"data.max_prompt_length ({config.data.max_prompt_length}) + rollout.max_new_tokens "
+            f"({config.rollout.max_new_tokens}) exceeds the student's context of {max_context} "
+            f"tokens ({student_dir}/config.json max_position_embeddings); lower one of them"
+        )
+    if config.data.prompts_per_step % groups.dp_size:
+        raise ValueError(
+            f"data.prompts_per_step ({config.data.prompts_per_step}) must be divisible by the "
+            f"data-parallel size {groups.dp_size}"
+        )
+    prompts = load_prompt_dataset(
+        config.data.train_path,
         tokenizer,
-        max_prompt_length=max(1, max_context - config.rollout.max_new_tokens)
-        if config.data.max_prompt_length <= 0
-        else config.data.max_prompt_length,
+        max_prompt_length=config.data.max_prompt_length,
+        prompt_key=config.data.prompt_key,
+        answer_key=config.data.answer_key,
+    )
+    dataset = StepPrompts(
+        PromptLoader(prompts, prompts_per_step=config.data.prompts_per_step, seed=config.data.seed)
     )
     log = MetricsLogger(
         config.logging.log_dir,

@@ -169,8 +169,35 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One rollout and one optimizer update; returns this step's metrics."""
-        cfg, groups = self.config, self.groups
+        cfg = self.config
         timers: dict[str, float] = {}
+        budget_before = self.budget.current
+        batch = self.rollout_and_score(timers)
+        with _timed(timers, "prune"):
+            plan = self.prune_and_plan(batch)
+            global_effective = self._global_effective_lengths(batch)
+            if cfg.budget.enable:
+                self.budget.update(global_effective)
+        with _timed(timers, "train"):
+            loss_sum, num_tokens = self.forward_backward(batch, plan)
+            skipped, grad_norm = self.apply_update(loss_sum, num_tokens)
+        metrics = self._metrics(batch, plan, loss_sum, num_tokens, global_effective)
+        metrics.update(
+            {f"time_{name}_s": value for name, value in timers.items()},
+            time_step_s=sum(timers.values()),
+            budget=float(budget_before),
+            next_budget=float(self.budget.current),
+            skipped=float(skipped),
+            grad_norm=float(grad_norm),
+            lr=float(self.optimizer.param_groups[0]["lr"]),
+        )
+        return metrics
+
+    def rollout_and_score(self, timers: dict[str, float] | None = None) -> RolloutBatch:
+        """Sample this rank's responses of the step and score them (SCORE fields filled on
+        the last stage)."""
+        cfg, groups = self.config, self.groups
+        timers = {} if timers is None else timers
         prompts, answers = self.c.dataset.next_prompts(
             dp_rank=groups.dp_rank, dp_size=groups.dp_size
         )
@@ -197,28 +224,12 @@ class Trainer:
                 vocab_size=self.c.vocab_size,
             )
             self.c.teacher_offload()
-        with _timed(timers, "prune"):
-            plan = self._prune_and_plan(batch)
-            global_effective = self._global_effective_lengths(batch)
-            budget_before = self.budget.current
-            if cfg.budget.enable:
-                self.budget.update(global_effective)
-        with _timed(timers, "train"):
-            loss_sum, num_tokens, skipped, grad_norm = self._update(batch, plan)
-        metrics = self._metrics(batch, plan, loss_sum, num_tokens, global_effective)
-        metrics.update(
-            {f"time_{name}_s": value for name, value in timers.items()},
-            time_step_s=sum(timers.values()),
-            budget=float(budget_before),
-            next_budget=float(self.budget.current),
-            skipped=float(skipped),
-            grad_norm=float(grad_norm),
-            lr=float(self.optimizer.param_groups[0]["lr"]),
-        )
-        return metrics
+        return batch
 
     # ------------------------------------------------------------------ pieces
-    def _prune_and_plan(self, batch: RolloutBatch) -> TrimPlan:
+    def prune_and_plan(self, batch: RolloutBatch) -> TrimPlan:
+        """Drift events, weights and the trimming plan (made on the last stage, returned on
+        every stage)."""
         cfg, groups = self.config, self.groups
         encoded = None
         if groups.is_last_stage:
@@ -262,7 +273,9 @@ class Trainer:
         local = broadcast_from_last_stage(local, groups, dtype=torch.int64)
         return gather_across_data_parallel(local.to(groups.platform.device), groups).cpu()
 
-    def _update(self, batch: RolloutBatch, plan: TrimPlan):
+    def forward_backward(self, batch: RolloutBatch, plan: TrimPlan) -> tuple[float, float]:
+        """Gradients of the OPD loss over the plan's micro-batches (grads left in the DDP
+        buffers); returns the data-parallel ``(loss_sum, num_tokens)``."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         groups = self.groups
@@ -292,25 +305,32 @@ class Trainer:
                 totals += report["loss"].to(totals)
         # Loss sums live on the last stage of each pipeline: share them with every rank.
         totals = broadcast_from_last_stage(totals, groups, dtype=torch.float64)
-        finite_loss = torch.isfinite(totals).all().to(torch.float32)
-        dist.all_reduce(finite_loss, op=dist.ReduceOp.MIN)
-        dp_totals = totals.clone()
         if groups.dp_size > 1:
-            dist.all_reduce(dp_totals, group=groups.dp_group)
-        if finite_loss.item() < 1 or not gradients_are_finite(self.student, groups):
+            dist.all_reduce(totals, group=groups.dp_group)
+        return float(totals[0]), float(totals[1])
+
+    def apply_update(self, loss_sum: float, num_tokens: float) -> tuple[bool, float]:
+        """Optimizer + LR step unless the loss or a gradient is non-finite anywhere;
+        returns ``(skipped, grad_norm)``."""
+        finite = torch.tensor(
+            [1.0 if torch.isfinite(torch.tensor([loss_sum, num_tokens])).all() else 0.0],
+            device=self.groups.platform.device,
+        )
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() < 1 or not gradients_are_finite(self.student, self.groups):
             self.optimizer.zero_grad()
             for chunk in self.student:
                 chunk.zero_grad_buffer()
-            return float(dp_totals[0]), float(dp_totals[1]), True, float("nan")
+            return True, float("nan")
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         self.c.engine.sync_weights()
-        return float(dp_totals[0]), float(dp_totals[1]), False, float(grad_norm or 0.0)
+        return False, float(grad_norm or 0.0)
 
     def _metrics(self, batch, plan, loss_sum, num_tokens, global_effective) -> dict[str, float]:
         groups = self.groups
         metrics = {"loss": loss_sum / max(num_tokens, 1.0)}
-        values = torch.zeros(9, dtype=torch.float64, device=groups.platform.device)
+        values = torch.zeros(10, dtype=torch.float64, device=groups.platform.device)
         if groups.is_last_stage:
             valid = batch.response_mask().to(batch.overlap_ratio.device)
             num_valid = valid.sum()
@@ -328,6 +348,11 @@ class Trainer:
             # k1 estimate of KL(student || teacher) on the student's own samples.
             log_ratio = batch.student_sampled_log_probs - batch.teacher_sampled_log_probs
             values[8] = (log_ratio * valid).sum()
+            # Expected reverse KL over the student's top-K (renormalised): far less noisy.
+            student_topk = torch.log_softmax(batch.student_topk_log_probs, dim=-1)
+            topk_kl = (student_topk.exp() * (batch.student_topk_log_probs
+                       - batch.teacher_log_probs_at_student_ids)).sum(-1)  # fmt: skip
+            values[9] = (topk_kl * valid).sum()
         values = broadcast_from_last_stage(values, groups, dtype=torch.float64)
         if groups.dp_size > 1:
             dist.all_reduce(values, group=groups.dp_group)
@@ -345,6 +370,7 @@ class Trainer:
             tokens_trained=float(values[6]),
             trimmed_fraction=1.0 - float(values[4]) / valid_tokens,
             reverse_kl=float(values[8]) / valid_tokens,
+            reverse_kl_topk=float(values[9]) / valid_tokens,
         )
         return metrics
 

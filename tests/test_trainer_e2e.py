@@ -1,0 +1,150 @@
+"""The Prune-OPD trainer end to end on CPU (gloo, 2 processes): TP=2, PP=2, DP=2, exact
+trimming, resume, and the errors a user can cause before training starts."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from megatron_opd.testing.multiprocess import run_distributed
+from megatron_opd.testing.tiny_run import make_tiny_run
+
+_COMPARED = ("loss", "reverse_kl", "reverse_kl_topk", "overlap_ratio_mean", "effective_length_mean", "budget",
+             "tokens_trained", "grad_norm")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_run")
+    return root, make_tiny_run(root)
+
+
+def _config(overrides):
+    from megatron_opd.config.loader import build_config, merge_overrides
+    from megatron_opd.config.opd import OPDConfig
+
+    return build_config(OPDConfig, merge_overrides({}, overrides))
+
+
+def _train(overrides):
+    from megatron_opd.train import run_training
+
+    history = run_training(_config(overrides), destroy_process_group=False)
+    return [{k: h[k] for k in (*_COMPARED, "step")} for h in history]
+
+
+def _layout(tp, pp):
+    return [f"parallel.tensor_parallel_size={tp}", f"parallel.pipeline_parallel_size={pp}"]
+
+
+def test_reverse_kl_falls_at_tp2_pp2_dp2(tiny_run):
+    root, overrides = tiny_run
+    run = [*overrides, "training.num_steps=6", "training.lr=0.03", "rollout.n_samples_per_prompt=4"]
+    trajectories = {}
+    for name, layout in (("tp2", _layout(2, 1)), ("pp2", _layout(1, 2)), ("dp2", _layout(1, 1))):
+        history = run_distributed(_train, 2, [*run, *layout], timeout_s=400)[0]
+        assert len(history) == 6
+        assert all(v == v and abs(v) < 1e9 for h in history for v in h.values())  # finite
+        trajectories[name] = kl = [h["reverse_kl_topk"] for h in history]
+        assert sum(kl[-2:]) < 0.85 * sum(kl[:2]), trajectories
+
+
+def _trim_gradients(overrides):
+    import torch
+
+    from megatron_opd.distributed import init_distributed
+    from megatron_opd.training.setup import build_components
+    from megatron_opd.training.trainer import Trainer
+
+    config = _config(overrides)
+    groups = init_distributed(config.parallel, seed=config.training.seed)
+    trainer = Trainer(config, groups, build_components(config, groups))
+    batch = trainer.rollout_and_score()
+    results = {}
+    for trim in (True, False):
+        config.training.trim = trim
+        plan = trainer.prune_and_plan(batch)
+        loss_sum, num_tokens = trainer.forward_backward(batch, plan)
+        grads = torch.cat(
+            [p.main_grad.reshape(-1).clone() for p in trainer.student[0].parameters()]
+        )
+        results[trim] = (plan.num_kept_tokens, loss_sum, num_tokens, grads)
+    (kept_t, loss_t, n_t, g_t), (kept_u, loss_u, n_u, g_u) = results[True], results[False]
+    return {
+        "kept": (kept_t, kept_u),
+        "loss": (loss_t, loss_u),
+        "num_tokens": (n_t, n_u),
+        "max_grad_diff": float((g_t - g_u).abs().max()),
+        "grad_scale": float(g_u.abs().max()),
+    }
+
+
+def test_trimming_gives_the_same_gradients_as_the_untrimmed_batch(tiny_run):
+    root, overrides = tiny_run
+    for layout in (_layout(2, 1), _layout(1, 2)):
+        out = run_distributed(_trim_gradients, 2, [*overrides, *layout], timeout_s=300)
+        for rank_out in out:
+            kept_trimmed, kept_full = rank_out["kept"]
+            assert kept_trimmed < kept_full, rank_out  # trimming really cut tokens
+            assert rank_out["num_tokens"][0] == rank_out["num_tokens"][1]
+            assert abs(rank_out["loss"][0] - rank_out["loss"][1]) < 1e-5
+            assert rank_out["grad_scale"] > 0
+            assert rank_out["max_grad_diff"] < 1e-5, rank_out
+
+
+def test_stop_and_resume_equals_an_uninterrupted_run(tiny_run, tmp_path):
+    root, overrides = tiny_run
+    base = [*overrides, *_layout(2, 1), "training.num_steps=4"]
+    full = run_distributed(
+        _train, 2, [*base, f"checkpoint.save_dir={tmp_path / 'a'}", "checkpoint.save_interval=2"]
+    )[0]
+    first = run_distributed(
+        _train, 2, [*base, "training.num_steps=2", f"checkpoint.save_dir={tmp_path / 'b'}"]
+    )[0]
+    # A run killed after step 2's checkpoint leaves a half-written step 3: it must be ignored.
+    (tmp_path / "b" / ".tmp-step_00000003" / "model_optim").mkdir(parents=True)
+    resumed = run_distributed(_train, 2, [*base, f"checkpoint.save_dir={tmp_path / 'b'}"])[0]
+    assert [h["step"] for h in resumed] == [1, 2, 3, 4]  # history restored from checkpoint
+    assert first == full[:2]
+    for expected, got in zip(full[2:], resumed[2:]):
+        for key in _COMPARED:
+            assert got[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-9), (key, got)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+        "latest", "step_00000002", "step_00000004",
+    ]  # fmt: skip
+
+
+def _expect_error(overrides):
+    try:
+        _train(overrides)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def test_user_errors_are_reported_before_training(tiny_run, tmp_path):
+    root, overrides = tiny_run
+    # A teacher with another tokenizer.
+    other = tmp_path / "other_teacher"
+    shutil.copytree(root / "teacher", other)
+    config = json.loads((other / "config.json").read_text())
+    config["vocab_size"] += 8
+    (other / "config.json").write_text(json.dumps(config))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"problem": "Add: a=1 b=2", "answer": "3"}\n{not json\n')
+    cases = {
+        "vocab": [*overrides, f"teacher.path={other}"],
+        "empty": [*overrides, f"data.train_path={empty}"],
+        "broken": [*overrides, f"data.train_path={broken}"],
+        "long_prompt": [*overrides, "data.max_prompt_length=4"],
+        "context": [*overrides, "rollout.max_new_tokens=100000", "budget.max_len=100000"],
+    }
+    messages = {name: run_distributed(_expect_error, 2, case)[0] for name, case in cases.items()}
+    assert "vocab" in messages["vocab"].lower() and "teacher" in messages["vocab"].lower()
+    assert str(empty) in messages["empty"]
+    assert f"{broken}:2" in messages["broken"]
+    assert "data.max_prompt_length" in messages["long_prompt"]
+    assert "max_position_embeddings" in messages["context"]
