@@ -52,6 +52,13 @@ def _slurm_env_or_skip() -> dict[str, str]:
                 "run tools/local_slurm/start.sh and export SLURM_CONF"
             )
         env["SLURM_CONF"] = conf
+    controller = _controller_address(env["SLURM_CONF"])
+    if controller is not None:
+        # A refused connection is immediate; sinfo would retry for ~20 s before giving up.
+        try:
+            socket.create_connection(controller, timeout=2).close()
+        except OSError as err:
+            pytest.skip(f"slurmctld at {controller} is not reachable ({err}); start it")
     try:
         probe = subprocess.run(
             ["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True, timeout=15
@@ -61,6 +68,21 @@ def _slurm_env_or_skip() -> dict[str, str]:
     if probe.returncode != 0 or not probe.stdout.strip():
         pytest.skip(f"no Slurm controller answers (sinfo: {probe.stderr.strip()!r})")
     return env
+
+
+def _controller_address(conf_path: str) -> tuple[str, int] | None:
+    """(host, port) of slurmctld from ``SlurmctldHost=name(addr)`` / ``SlurmctldPort``."""
+    try:
+        lines = Path(conf_path).read_text().splitlines()
+    except OSError:
+        return None
+    settings = dict(line.split("=", 1) for line in lines if "=" in line and " " not in line)
+    host = settings.get("SlurmctldHost")
+    if host is None:
+        return None
+    name, _, addr = host.partition("(")
+    port = settings.get("SlurmctldPort", "6817").split("-")[0]  # may be a range
+    return (addr.rstrip(")") or name), int(port)
 
 
 def _free_port() -> int:

@@ -3,15 +3,16 @@ trimming, resume, and the errors a user can cause before training starts."""
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
 from megatron_opd.testing.multiprocess import run_distributed
 from megatron_opd.testing.tiny_run import make_tiny_run
 
-_COMPARED = ("loss", "reverse_kl", "reverse_kl_topk", "overlap_ratio_mean", "effective_length_mean", "budget",
-             "tokens_trained", "grad_norm")  # fmt: skip
+_COMPARED = (
+    "loss", "reverse_kl", "reverse_kl_topk", "overlap_ratio_mean", "effective_length_mean",
+    "budget", "tokens_trained", "grad_norm",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
