@@ -37,9 +37,18 @@ pytestmark = pytest.mark.slurm
 
 
 def _slurm_env_or_skip() -> dict[str, str]:
-    """The environment for Slurm clients, or skip when no local cluster answers."""
+    """The environment for Slurm clients, or skip when no local cluster answers (in CI,
+    where .ci/run starts the cluster and sets MEGATRON_OPD_REQUIRE_SLURM=1, fail instead)."""
+    if os.environ.get("MEGATRON_OPD_REQUIRE_SLURM") == "1":
+        real_skip = pytest.fail
+    else:
+        real_skip = pytest.skip
+    return _slurm_env_or(real_skip)
+
+
+def _slurm_env_or(skip) -> dict[str, str]:
     if shutil.which("sbatch") is None:
-        pytest.skip("sbatch is not on PATH; start a cluster with tools/local_slurm/start.sh")
+        skip("sbatch is not on PATH; start a cluster with tools/local_slurm/start.sh")
     env = dict(os.environ)
     if not env.get("SLURM_CONF"):
         base = env.get("LOCAL_SLURM_BASE") or os.path.join(
@@ -47,7 +56,7 @@ def _slurm_env_or_skip() -> dict[str, str]:
         )
         conf = os.path.join(base, "etc", "slurm.conf")
         if not os.path.isfile(conf):
-            pytest.skip(
+            skip(
                 f"SLURM_CONF is not set and {conf} does not exist; "
                 "run tools/local_slurm/start.sh and export SLURM_CONF"
             )
@@ -58,15 +67,15 @@ def _slurm_env_or_skip() -> dict[str, str]:
         try:
             socket.create_connection(controller, timeout=2).close()
         except OSError as err:
-            pytest.skip(f"slurmctld at {controller} is not reachable ({err}); start it")
+            skip(f"slurmctld at {controller} is not reachable ({err}); start it")
     try:
         probe = subprocess.run(
             ["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True, timeout=15
         )
     except subprocess.TimeoutExpired:
-        pytest.skip("sinfo timed out: slurmctld is not answering")
+        skip("sinfo timed out: slurmctld is not answering")
     if probe.returncode != 0 or not probe.stdout.strip():
-        pytest.skip(f"no Slurm controller answers (sinfo: {probe.stderr.strip()!r})")
+        skip(f"no Slurm controller answers (sinfo: {probe.stderr.strip()!r})")
     return env
 
 
