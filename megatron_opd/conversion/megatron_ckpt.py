@@ -112,7 +112,10 @@ def load_megatron_checkpoint(model_chunks, ckpt_dir: str | Path) -> None:
     chunks = _chunks(model_chunks)
     read_conversion_metadata(ckpt_dir)  # ValueError when incomplete
     state = dist_checkpointing.load(_sharded_state_dict(chunks), str(Path(ckpt_dir) / MODEL_SUBDIR))
-    chunks[0].load_state_dict(state["model"], strict=False)
+    result = chunks[0].load_state_dict(state["model"], strict=False)
+    missing = [key for key in result.missing_keys if not key.endswith("_extra_state")]
+    if missing:
+        raise ValueError(f"checkpoint {ckpt_dir} lacks parameters of this model: {missing[:8]}")
 
 
 def load_model_weights(model_chunks, model_config: ModelConfig, info: ModelInfo, groups) -> None:
