@@ -1,0 +1,415 @@
+"""Everything the CPU demo needs, built from nothing in a few minutes: task, tokenizer, models.
+
+:func:`make_demo_assets` writes, under ``out_dir``:
+
+- ``tokenizer/``: a SentencePiece model trained on the chain task's text;
+- ``train_prompts.jsonl`` and ``eval_prompts.jsonl``: disjoint splits of the task
+  (problem, answer, worked solution);
+- ``teacher/``: a tiny ``Qwen3ForCausalLM`` (default 4 layers, width 128) trained by SFT
+  on worked solutions until it solves ``teacher_target_accuracy`` of the held-out split
+  (greedy, math-verify) or its time cap runs out;
+- ``student/``: a smaller Qwen3 (default 2 layers, width 64) trained only until it first
+  reaches ``student_min_accuracy``, so it knows the format and sometimes solves a
+  problem, but is visibly worse than the teacher: the starting point of distillation.
+
+Checkpoints are ``save_pretrained`` directories (safetensors) with ``tokenizer.model``
+copied in, so each is self-contained (``load_tokenizer(dir)`` works on it). Each part
+records a fingerprint of everything it was built from; a later call with the same
+settings finds matching fingerprints and returns at once, a changed setting rebuilds
+only the parts that depend on it. ``tiny=True`` gives a seconds-long variant for tests
+(small models, short problems; accuracy is whatever it reaches).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from megatron_opd.data.chain_task import (
+    held_out_problems,
+    train_task_tokenizer,
+    training_problems,
+    write_jsonl,
+)
+from megatron_opd.data.tokenizer import SENTENCEPIECE_FILE, load_tokenizer
+from megatron_opd.demo.hf_sft import (
+    SFTSchedule,
+    TinyModelShape,
+    build_qwen3,
+    greedy_accuracy,
+    train_sft,
+)
+
+ASSETS_VERSION = 1
+"""Bump when the way assets are built changes, so old caches are rebuilt."""
+
+FINGERPRINT_FILE = "demo_fingerprint.json"
+REPORT_FILE = "sft_report.json"
+
+
+@dataclass(kw_only=True)
+class DemoAssetSettings:
+    """What the demo assets are built from (all of it goes into the fingerprints)."""
+
+    seed: int = 0
+    """Seed of the task splits, tokenizer corpus, model init and batch order."""
+
+    min_terms: int = 4
+    """Fewest terms in a problem (``min_terms - 1`` solution steps)."""
+
+    max_terms: int = 8
+    """Most terms in a problem; models do not extrapolate beyond it."""
+
+    num_eval_problems: int = 200
+    """Held-out problems (evaluation split; also the SFT stopping check)."""
+
+    num_train_prompts: int = 2000
+    """Problems written to ``train_prompts.jsonl`` for distillation."""
+
+    tokenizer_vocab_size: int = 64
+    """Requested SentencePiece size (the corpus may give fewer pieces)."""
+
+    teacher: TinyModelShape = dataclasses.field(
+        default_factory=lambda: TinyModelShape(
+            num_layers=4,
+            hidden_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=384,
+        )
+    )
+    """Teacher size."""
+
+    student: TinyModelShape = dataclasses.field(
+        default_factory=lambda: TinyModelShape(
+            num_layers=2,
+            hidden_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=192,
+        )
+    )
+    """Student size."""
+
+    teacher_max_seconds: float = 240.0
+    """Teacher SFT wall-time cap (training only)."""
+
+    teacher_target_accuracy: float = 0.9
+    """Teacher SFT stops at the first evaluation with at least this held-out accuracy."""
+
+    teacher_eval_every_seconds: float = 15.0
+    """Training seconds between teacher evaluations."""
+
+    teacher_min_eval_seconds: float = 60.0
+    """No teacher evaluation before this much training."""
+
+    student_max_seconds: float = 60.0
+    """Student SFT wall-time cap."""
+
+    student_min_accuracy: float = 0.1
+    """Student SFT stops at the first evaluation with at least this accuracy."""
+
+    student_eval_every_seconds: float = 3.0
+    """Training seconds between student evaluations (its accuracy jumps within seconds)."""
+
+    student_min_eval_seconds: float = 10.0
+    """No student evaluation before this much training."""
+
+    batch_size: int = 64
+    """SFT problems per optimizer step."""
+
+    lr: float = 3e-3
+    """Peak SFT learning rate."""
+
+    num_threads: int = 2
+    """torch CPU threads during the build."""
+
+    budget_clock: Literal["wall", "cpu"] = "wall"
+    """Clock of the time caps: wall time, or CPU time / threads (idle-machine wall time,
+    for building on a shared machine)."""
+
+
+def tiny_settings(seed: int = 0) -> DemoAssetSettings:
+    """A seconds-long variant for tests: short problems, very small models, short caps,
+    one evaluation per model (at the end)."""
+    return DemoAssetSettings(
+        seed=seed,
+        min_terms=2,
+        max_terms=3,
+        num_eval_problems=16,
+        num_train_prompts=64,
+        teacher=TinyModelShape(
+            num_layers=2,
+            hidden_size=64,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=128,
+        ),
+        student=TinyModelShape(
+            num_layers=1,
+            hidden_size=32,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=64,
+        ),
+        teacher_max_seconds=8.0,
+        teacher_target_accuracy=0.9,
+        teacher_eval_every_seconds=8.0,
+        teacher_min_eval_seconds=8.0,
+        student_max_seconds=3.0,
+        student_min_accuracy=0.1,
+        student_eval_every_seconds=3.0,
+        student_min_eval_seconds=3.0,
+        batch_size=32,
+        # One thread: at this size a second one gains little, and tests share the machine.
+        num_threads=1,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoAssets:
+    """Paths of the built assets and what the SFT runs reached."""
+
+    tokenizer_dir: Path
+    """Directory with ``tokenizer.model``."""
+
+    train_prompts: Path
+    """jsonl of training prompts (problem, answer, solution, num_terms)."""
+
+    eval_prompts: Path
+    """jsonl of held-out problems (disjoint from every training problem)."""
+
+    teacher_dir: Path
+    """HF checkpoint of the teacher (with the tokenizer)."""
+
+    student_dir: Path
+    """HF checkpoint of the student (with the tokenizer)."""
+
+    teacher_report: dict
+    """Teacher SFT: accuracy, train/eval seconds, steps, history."""
+
+    student_report: dict
+    """Student SFT: the same fields."""
+
+
+def _fingerprint(payload: dict) -> str:
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _is_current(directory: Path, fingerprint: str) -> bool:
+    marker = directory / FINGERPRINT_FILE
+    return marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint
+
+
+def _publish(tmp: Path, final: Path, fingerprint: str) -> None:
+    """Mark ``tmp`` complete and move it to ``final`` (replacing a stale one)."""
+    (tmp / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fingerprint}))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def _fresh_tmp(final: Path) -> Path:
+    tmp = final.with_name(final.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+@contextlib.contextmanager
+def _torch_threads(num_threads: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def make_demo_assets(
+    out_dir: str | Path,
+    *,
+    tiny: bool = False,
+    seed: int = 0,
+    settings: DemoAssetSettings | None = None,
+    show_progress: bool = True,
+    **overrides,
+) -> DemoAssets:
+    """Build (or find cached) tokenizer, task splits, teacher and student under ``out_dir``.
+
+    ``settings`` gives every knob; otherwise the defaults (or :func:`tiny_settings` when
+    ``tiny``) with ``seed`` and any ``overrides`` of :class:`DemoAssetSettings` fields,
+    e.g. ``teacher_max_seconds=120``.
+    """
+    if settings is None:
+        base = tiny_settings(seed) if tiny else DemoAssetSettings(seed=seed)
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(DemoAssetSettings)}
+        if unknown:
+            raise ValueError(
+                f"make_demo_assets: unknown setting(s) {sorted(unknown)}; "
+                "see DemoAssetSettings for the valid names"
+            )
+        settings = dataclasses.replace(base, **overrides)
+    elif overrides:
+        raise ValueError("make_demo_assets: pass either settings= or keyword overrides, not both")
+    s = settings
+    if not 0 < s.student_min_accuracy <= s.teacher_target_accuracy <= 1:
+        raise ValueError(
+            "need 0 < student_min_accuracy <= teacher_target_accuracy <= 1, got "
+            f"{s.student_min_accuracy} and {s.teacher_target_accuracy}"
+        )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    common = {"version": ASSETS_VERSION, "seed": s.seed}
+
+    with _torch_threads(s.num_threads):
+        tokenizer_dir = out_dir / "tokenizer"
+        tok_fp = _fingerprint(
+            {**common, "part": "tokenizer", "vocab": s.tokenizer_vocab_size, "terms": (2, 12)}
+        )
+        if not _is_current(tokenizer_dir, tok_fp):
+            tmp = _fresh_tmp(tokenizer_dir)
+            train_task_tokenizer(tmp, seed=s.seed, vocab_size=s.tokenizer_vocab_size)
+            _publish(tmp, tokenizer_dir, tok_fp)
+        tokenizer = load_tokenizer(tokenizer_dir)
+
+        terms = {"min_terms": s.min_terms, "max_terms": s.max_terms}
+        held_out = held_out_problems(num_problems=s.num_eval_problems, seed=s.seed, **terms)
+        held_out_texts = [p.problem for p in held_out]
+        splits_dir = out_dir / "prompts"
+        split_fp = _fingerprint(
+            {
+                **common,
+                "part": "splits",
+                **terms,
+                "eval": s.num_eval_problems,
+                "train": s.num_train_prompts,
+            }
+        )
+        if not _is_current(splits_dir, split_fp):
+            tmp = _fresh_tmp(splits_dir)
+            # A seed offset keeps the distillation prompts a different stream from SFT's.
+            stream = training_problems(seed=s.seed + 1, exclude=held_out_texts, **terms)
+            write_jsonl(
+                tmp / "train_prompts.jsonl", (next(stream) for _ in range(s.num_train_prompts))
+            )
+            write_jsonl(tmp / "eval_prompts.jsonl", held_out)
+            _publish(tmp, splits_dir, split_fp)
+
+        longest = max(len(tokenizer.encode(p.solution)) for p in held_out)
+        max_new_tokens = longest + 16
+
+        def build(role: str, shape: TinyModelShape, schedule: SFTSchedule, model_seed: int):
+            final = out_dir / role
+            fp = _fingerprint(
+                {
+                    **common,
+                    "part": role,
+                    "tokenizer": tok_fp,
+                    "splits": split_fp,
+                    "shape": dataclasses.asdict(shape),
+                    "schedule": dataclasses.asdict(schedule),
+                    **terms,
+                }
+            )
+            if _is_current(final, fp):
+                return json.loads((final / REPORT_FILE).read_text())
+            model = build_qwen3(shape, tokenizer, seed=model_seed, max_positions=512)
+            result = train_sft(
+                model,
+                tokenizer,
+                training_problems(seed=model_seed, exclude=held_out_texts, **terms),
+                schedule,
+                lambda: greedy_accuracy(model, tokenizer, held_out, max_new_tokens=max_new_tokens),
+                term_counts=(s.min_terms, s.max_terms),
+                seed=model_seed,
+                progress_desc=f"SFT {role}",
+                show_progress=show_progress,
+            )
+            tmp = _fresh_tmp(final)
+            model.save_pretrained(tmp)
+            shutil.copy(tokenizer_dir / SENTENCEPIECE_FILE, tmp / SENTENCEPIECE_FILE)
+            report = dataclasses.asdict(result)
+            report["num_parameters"] = sum(p.numel() for p in model.parameters())
+            report["max_new_tokens"] = max_new_tokens
+            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1))
+            _publish(tmp, final, fp)
+            return report
+
+        teacher_report = build(
+            "teacher",
+            s.teacher,
+            SFTSchedule(
+                max_seconds=s.teacher_max_seconds,
+                target_accuracy=s.teacher_target_accuracy,
+                eval_every_seconds=s.teacher_eval_every_seconds,
+                min_eval_seconds=s.teacher_min_eval_seconds,
+                batch_size=s.batch_size,
+                lr=s.lr,
+                clock=s.budget_clock,
+            ),
+            model_seed=s.seed * 1000 + 11,
+        )
+        student_report = build(
+            "student",
+            s.student,
+            SFTSchedule(
+                max_seconds=s.student_max_seconds,
+                target_accuracy=s.student_min_accuracy,
+                eval_every_seconds=s.student_eval_every_seconds,
+                min_eval_seconds=s.student_min_eval_seconds,
+                batch_size=s.batch_size,
+                lr=s.lr,
+                clock=s.budget_clock,
+            ),
+            model_seed=s.seed * 1000 + 22,
+        )
+    return DemoAssets(
+        tokenizer_dir=tokenizer_dir,
+        train_prompts=splits_dir / "train_prompts.jsonl",
+        eval_prompts=splits_dir / "eval_prompts.jsonl",
+        teacher_dir=out_dir / "teacher",
+        student_dir=out_dir / "student",
+        teacher_report=teacher_report,
+        student_report=student_report,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m megatron_opd.demo.assets OUT_DIR [--tiny] [--seed N]``: build and report."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("out_dir")
+    parser.add_argument("--tiny", action="store_true", help="seconds-long test variant")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="NAME=VALUE", help="override a setting"
+    )
+    args = parser.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        overrides[name] = json.loads(value) if value[:1].isdigit() or value[:1] == "-" else value
+    assets = make_demo_assets(args.out_dir, tiny=args.tiny, seed=args.seed, **overrides)
+    for role, report in (("teacher", assets.teacher_report), ("student", assets.student_report)):
+        print(
+            f"{role}: accuracy {report['accuracy']:.3f}, train {report['train_seconds']:.0f} s, "
+            f"eval {report['eval_seconds']:.0f} s, wall {report['wall_seconds']:.0f} s, "
+            f"{report['steps']} steps, "
+            f"{report['num_parameters']} parameters"
+        )
+
+
+if __name__ == "__main__":
+    main()

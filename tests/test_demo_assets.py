@@ -1,0 +1,97 @@
+"""Demo assets, tiny variant end to end: files, HF loading, tokenizer, cache, KV-cached greedy."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from megatron_opd.data.tokenizer import check_same_vocabulary, load_tokenizer
+from megatron_opd.demo.assets import make_demo_assets
+from megatron_opd.demo.hf_sft import generate_greedy
+
+
+@pytest.fixture(scope="module")
+def tiny_assets(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo_assets")
+    return out, make_demo_assets(out, tiny=True, seed=0, show_progress=False)
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_tiny_assets_load_and_round_trip(tiny_assets):
+    from transformers import Qwen3ForCausalLM
+
+    _, assets = tiny_assets
+    train, held_out = _rows(assets.train_prompts), _rows(assets.eval_prompts)
+    assert len(train) == 64 and len(held_out) == 16
+    assert not {r["problem"] for r in train} & {r["problem"] for r in held_out}
+    for row in held_out:  # answers agree with the problem's own terms
+        terms = [int(t.split("=")[1]) for t in row["problem"].removeprefix("Add: ").split()]
+        assert row["answer"] == str(sum(terms))
+    tokenizer = check_same_vocabulary(assets.teacher_dir, assets.student_dir)
+    assert check_same_vocabulary(assets.tokenizer_dir, assets.teacher_dir).vocab_size == (
+        tokenizer.vocab_size
+    )
+    text = tokenizer.format_prompt(held_out[0]["problem"]) + held_out[0]["solution"]
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    for directory, layers in ((assets.teacher_dir, 2), (assets.student_dir, 1)):
+        assert (directory / "model.safetensors").is_file()
+        model = Qwen3ForCausalLM.from_pretrained(directory)
+        assert model.config.num_hidden_layers == layers
+        assert model.config.vocab_size == tokenizer.vocab_size
+        assert model.config.tie_word_embeddings
+        assert model.config.eos_token_id == tokenizer.eos_id
+    for report in (assets.teacher_report, assets.student_report):
+        assert 0.0 <= report["accuracy"] <= 1.0 and report["steps"] >= 1
+
+
+def test_kv_cached_greedy_matches_recomputation(tiny_assets):
+    from transformers import Qwen3ForCausalLM
+
+    _, assets = tiny_assets
+    tokenizer = load_tokenizer(assets.teacher_dir)
+    model = Qwen3ForCausalLM.from_pretrained(assets.teacher_dir).eval()
+    problems = [r["problem"] for r in _rows(assets.eval_prompts)[:4]]
+    problems[1] = problems[1] + " c=5"  # different prompt lengths exercise left padding
+    cached = generate_greedy(model, tokenizer, problems, max_new_tokens=12, batch_size=4)
+    for problem, response in zip(problems, cached):
+        ids = tokenizer.encode_prompt(problem)
+        generated = []
+        with torch.no_grad():
+            for _ in range(12):  # reference: one unpadded sequence, full forward per token
+                logits = model(input_ids=torch.tensor([ids + generated])).logits[0, -1]
+                token = int(logits.argmax())
+                if token == tokenizer.eos_id:
+                    break
+                generated.append(token)
+        assert response == tokenizer.decode(generated)
+
+
+def test_cache_reuses_and_rebuilds_only_changed_parts(tiny_assets):
+    out, assets = tiny_assets
+    stamps = {
+        p: os.stat(p / "model.safetensors").st_mtime_ns
+        for p in (assets.teacher_dir, assets.student_dir)
+    }
+    again = make_demo_assets(out, tiny=True, seed=0, show_progress=False)
+    assert again.teacher_report == assets.teacher_report
+    assert {p: os.stat(p / "model.safetensors").st_mtime_ns for p in stamps} == stamps
+    make_demo_assets(out, tiny=True, seed=0, show_progress=False, student_max_seconds=1.0)
+    assert (
+        os.stat(assets.teacher_dir / "model.safetensors").st_mtime_ns == stamps[assets.teacher_dir]
+    )
+    assert (
+        os.stat(assets.student_dir / "model.safetensors").st_mtime_ns != stamps[assets.student_dir]
+    )
+    with pytest.raises(ValueError, match="unknown setting"):
+        make_demo_assets(out, tiny=True, teacher_seconds=3)
+
+
+@pytest.mark.slow
+def test_full_demo_assets_reach_targets(tmp_path):
+    assets = make_demo_assets(tmp_path, seed=0, show_progress=False)
+    assert assets.teacher_report["accuracy"] >= 0.9
+    assert 0.0 < assets.student_report["accuracy"] < assets.teacher_report["accuracy"]
