@@ -6,7 +6,12 @@ import pytest
 
 from megatron_opd.config.data import DataConfig
 from megatron_opd.config.loader import build_config
-from megatron_opd.data.prompts import PromptLoader, epoch_order, load_prompt_dataset
+from megatron_opd.data.prompts import (
+    PromptLoader,
+    epoch_order,
+    load_prompt_dataset,
+    prompt_loader_from_config,
+)
 
 
 class CharTokenizer:
@@ -114,7 +119,14 @@ def test_loader_order_epochs_and_resume():
         PromptLoader(items[:3], prompts_per_step=4, seed=5)
 
 
-def test_data_config_checks():
+def test_data_config_checks(tmp_path):
+    path = _jsonl(tmp_path / "q.jsonl", [{"prompt": c, "sol": i} for i, c in enumerate("abcde")])
+    cfg = DataConfig(train_path=str(path), answer_key="sol", prompts_per_step=2, seed=3)
+    loader = prompt_loader_from_config(cfg, CharTokenizer())
+    order = epoch_order(5, seed=3, epoch=0)
+    assert [p.problem for p in loader.next_batch()] == ["abcde"[i] for i in order[:2]]
+    with pytest.raises(ValueError, match="data.train_path is empty"):
+        prompt_loader_from_config(DataConfig(), CharTokenizer())
     cfg = build_config(DataConfig, {"train_path": "a.jsonl", "prompts_per_step": 2})
     assert cfg.prompts_per_step == 2 and cfg.prompt_key is None
     with pytest.raises(ValueError, match="data.max_prompt_length"):

@@ -1,6 +1,12 @@
 """Prompt datasets, tokenizers, and the built-in chain-sum task."""
 
-from megatron_opd.data.prompts import Prompt, PromptLoader, epoch_order, load_prompt_dataset
+from megatron_opd.data.prompts import (
+    Prompt,
+    PromptLoader,
+    epoch_order,
+    load_prompt_dataset,
+    prompt_loader_from_config,
+)
 from megatron_opd.data.tokenizer import (
     HFTokenizer,
     SentencePieceTokenizer,
@@ -19,4 +25,5 @@ __all__ = [
     "epoch_order",
     "load_prompt_dataset",
     "load_tokenizer",
+    "prompt_loader_from_config",
 ]

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_opd.config.data import DataConfig
 from megatron_opd.data.records import (
     answer_text,
     get_field,
@@ -147,3 +148,17 @@ class PromptLoader:
             raise ValueError(f"invalid data position epoch={epoch}, index={index}")
         self.epoch, self.index = epoch, index
         self._order = epoch_order(len(self.prompts), seed=self.seed, epoch=epoch)
+
+
+def prompt_loader_from_config(config: DataConfig, tokenizer: Tokenizer) -> PromptLoader:
+    """Load ``config.train_path`` with the config's keys and limits into a loader."""
+    if not config.train_path:
+        raise ValueError("data.train_path is empty; set it to a .jsonl or .parquet prompt file")
+    prompts = load_prompt_dataset(
+        config.train_path,
+        tokenizer,
+        max_prompt_length=config.max_prompt_length,
+        prompt_key=config.prompt_key,
+        answer_key=config.answer_key,
+    )
+    return PromptLoader(prompts, prompts_per_step=config.prompts_per_step, seed=config.seed)
