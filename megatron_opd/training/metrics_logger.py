@@ -64,7 +64,7 @@ class MetricsLogger:
             self._bar = tqdm(
                 total=total_steps,
                 initial=start_step,
-                desc="prune-opd",
+                desc="opd",
                 unit="step",
                 dynamic_ncols=True,
                 file=sys.stderr,

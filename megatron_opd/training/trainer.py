@@ -171,7 +171,7 @@ class Trainer:
         """One rollout and one optimizer update; returns this step's metrics."""
         cfg = self.config
         timers: dict[str, float] = {}
-        budget_before = self.budget.current
+        response_budget = self.response_budget()
         batch = self.rollout_and_score(timers)
         with _timed(timers, "prune"):
             plan = self.prune_and_plan(batch)
@@ -185,13 +185,19 @@ class Trainer:
         metrics.update(
             {f"time_{name}_s": value for name, value in timers.items()},
             time_step_s=sum(timers.values()),
-            budget=float(budget_before),
+            budget=float(response_budget),
             next_budget=float(self.budget.current),
             skipped=float(skipped),
             grad_norm=float(grad_norm),
             lr=float(self.optimizer.param_groups[0]["lr"]),
         )
         return metrics
+
+    def response_budget(self) -> int:
+        """``max_new_tokens`` of this step's rollout."""
+        cfg = self.config
+        budget = self.budget.current if cfg.budget.enable else cfg.rollout.max_new_tokens
+        return min(budget, cfg.rollout.max_new_tokens)
 
     def rollout_and_score(self, timers: dict[str, float] | None = None) -> RolloutBatch:
         """Sample this rank's responses of the step and score them (SCORE fields filled on
@@ -201,10 +207,7 @@ class Trainer:
         prompts, answers = self.c.dataset.next_prompts(
             dp_rank=groups.dp_rank, dp_size=groups.dp_size
         )
-        max_new = min(
-            self.budget.current if cfg.budget.enable else cfg.budget.max_len,
-            cfg.rollout.max_new_tokens,
-        )
+        max_new = self.response_budget()
         seed = rollout_seed(cfg.rollout, step=self.step, dp_rank=groups.dp_rank)
         with _timed(timers, "rollout"):
             listener = self.c.make_chunk_listener() if cfg.rollout.chunk_size else None
