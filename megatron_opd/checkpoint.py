@@ -73,17 +73,20 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    # Megatron DDP's state dict keys carry a "module." prefix that its load_state_dict
-    # does not accept back; save and load the wrapped GPTModel itself.
-    return getattr(chunk, "module", chunk)
+def unwrap_model(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside any wrappers (Megatron DDP, Float16Module)."""
+    # Wrappers (Megatron DDP, Float16Module) prefix state keys with "module." and do not all
+    # accept them back; save and load the innermost GPTModel, whatever wraps it.
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
 
 
 def _sharded_state_dict(model_chunks, optimizer, is_loading: bool) -> dict:
     model_sd = {}
     for index, chunk in enumerate(model_chunks):
         key = "model" if len(model_chunks) == 1 else f"model{index}"
-        model_sd[key] = _unwrap(chunk).sharded_state_dict()
+        model_sd[key] = unwrap_model(chunk).sharded_state_dict()
     merged = dict(model_sd)
     if optimizer is not None:
         flat_model_sd = {}
@@ -215,7 +218,7 @@ def load_checkpoint(
     loaded = dist_checkpointing.load(state, str(checkpoint_dir / "model_optim"))
     for index, chunk in enumerate(model_chunks):
         key = "model" if len(model_chunks) == 1 else f"model{index}"
-        _unwrap(chunk).load_state_dict(loaded[key])
+        unwrap_model(chunk).load_state_dict(loaded[key])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None and "lr_scheduler" in trainer_state:

@@ -13,6 +13,7 @@ def run_training(
 
     ``destroy_process_group=False`` keeps the default group alive (in-process tests).
     """
+    from megatron_opd.checkpoint import unwrap_model
     from megatron_opd.training.setup import build_components
     from megatron_opd.training.trainer import Trainer
 
@@ -27,7 +28,7 @@ def run_training(
             from megatron_opd.conversion import export_hf_from_model
 
             export_hf_from_model(
-                components.student_chunks,
+                [unwrap_model(chunk) for chunk in components.student_chunks],
                 config.checkpoint.export_hf_dir,
                 components.student_info,
                 groups,

@@ -62,6 +62,17 @@ class RunComponents:
         }
 
 
+def _wrap_half_precision(chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """bf16/fp16 GPTModels run inside Megatron's Float16Module (casts the first stage's
+    inputs and the last stage's outputs to fp32), as Megatron-LM does."""
+    from megatron.core.transformer.module import Float16Module
+
+    config = chunks[0].config
+    if not (config.bf16 or config.fp16):
+        return chunks
+    return [Float16Module(config, chunk) for chunk in chunks]
+
+
 class StepPrompts:
     """Each step's global prompt batch, split over data-parallel ranks (resumable)."""
 
@@ -105,6 +116,8 @@ def build_components(config: OPDConfig, groups: ParallelGroups) -> RunComponents
     load_model_weights(student_chunks, config.student, student_info, groups)
     teacher_chunks, teacher_info = build_model(config.teacher, groups, role="teacher")
     load_model_weights(teacher_chunks, config.teacher, teacher_info, groups)
+    student_chunks = _wrap_half_precision(student_chunks)
+    teacher_chunks = _wrap_half_precision(teacher_chunks)
     if student_info.vocab_size != teacher_info.vocab_size:
         raise ValueError(
             f"student vocab_size {student_info.vocab_size} ({student_dir}/config.json) != "
