@@ -149,3 +149,45 @@ def test_user_errors_are_reported_before_training(tiny_run, tmp_path):
     assert f"{broken}:2" in messages["broken"]
     assert "data.max_prompt_length" in messages["long_prompt"]
     assert "max_position_embeddings" in messages["context"]
+
+
+def _engine_responses(overrides, problems):
+    from megatron_opd.config.opd import EvalConfig
+    from megatron_opd.conversion import load_model_weights
+    from megatron_opd.data.tokenizer import load_tokenizer
+    from megatron_opd.distributed import init_distributed
+    from megatron_opd.models import build_model
+    from megatron_opd.training.evaluation import make_generate_fn
+
+    config = _config(overrides)
+    groups = init_distributed(config.parallel, seed=0)
+    chunks, info = build_model(config.teacher, groups, role="teacher")
+    load_model_weights(chunks, config.teacher, info, groups)
+    eval_config = EvalConfig(k=1, temperature=0.0, max_new_tokens=12)
+    generate = make_generate_fn(
+        chunks[0], load_tokenizer(config.teacher.path), groups, eval_config,
+        vocab_size=info.vocab_size, batch_size=3,
+    )  # fmt: skip
+    return generate(problems)
+
+
+def test_greedy_evaluation_generates_what_transformers_generates(tiny_run):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megatron_opd.data.tokenizer import load_tokenizer
+
+    root, overrides = tiny_run
+    problems = [json.loads(line)["problem"] for line in open(root / "prompts.jsonl")][:6]
+    tokenizer = load_tokenizer(root / "teacher")
+    model = AutoModelForCausalLM.from_pretrained(root / "teacher", dtype=torch.float32).eval()
+    expected = []
+    for problem in problems:
+        ids = torch.tensor([tokenizer.encode_prompt(problem)])
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=2,
+                                 pad_token_id=0)  # fmt: skip
+        expected.append(tokenizer.decode(out[0, ids.shape[1] :].tolist()))
+    for layout in (_layout(2, 1), _layout(1, 1)):  # TP=2, then DP=2 (problems split)
+        got = run_distributed(_engine_responses, 2, [*overrides, *layout], problems)
+        assert got[0] == got[1] == expected

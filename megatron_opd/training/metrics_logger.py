@@ -91,6 +91,22 @@ class MetricsLogger:
             self._bar.set_postfix(shown, refresh=False)
             self._bar.update(1)
 
+    def log_extra(self, step: int, metrics: dict[str, float]) -> None:
+        """Record metrics computed outside the step (evaluations) without advancing the
+        progress bar."""
+        if not self.enabled or not metrics:
+            return
+        clean = {k: _to_float(v) for k, v in metrics.items()}
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+            self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in clean.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(clean, step=step)
+        self.message(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in clean.items()))
+
     def message(self, text: str) -> None:
         """A line on the console that does not break the progress bar."""
         if not self.enabled:

@@ -158,6 +158,8 @@ class Trainer:
                     )
                 continue
             self.consecutive_bad_steps = 0
+            if cfg.eval.interval and cfg.eval.datasets and self.step % cfg.eval.interval == 0:
+                self.c.log.log_extra(self.step, self.evaluate())
             interval = cfg.checkpoint.save_interval
             if interval and self.step % interval == 0:
                 self.save()
@@ -166,6 +168,25 @@ class Trainer:
         ):
             self.save()
         return self.history
+
+    def evaluate(self) -> dict[str, float]:
+        """The student's scores on ``eval.datasets`` (``eval/<set>/<metric>``)."""
+        from megatron_opd.training.evaluation import evaluate_model
+
+        summaries = evaluate_model(
+            self.student[0].module,
+            self.c.tokenizer,
+            self.groups,
+            self.config.eval,
+            vocab_size=self.c.vocab_size,
+            seed=self.config.training.seed + self.step,
+        )
+        return {
+            f"eval/{name}/{key}": float(value)
+            for name, summary in summaries.items()
+            for key, value in summary.items()
+            if key.startswith(("avg@", "pass@"))
+        }
 
     def train_step(self) -> dict[str, float]:
         """One rollout and one optimizer update; returns this step's metrics."""
