@@ -132,10 +132,16 @@ def _bench_rank(cfg: dict):
     report = {}
     for name, (ours, naive) in ops.items():
         a, b = ours(), naive()
-        assert torch.equal(a[1], b[1]), f"{name}: ids differ from the naive version"
-        for x, y in zip(a, b):
+        # Values match position by position; ids may differ only where values tie (fp32
+        # randn over 150k ids ties now and then): torch.topk picks either, we the lower id.
+        torch.testing.assert_close(a[0], b[0], atol=1e-4, rtol=1e-5)
+        for x, y in zip(a[2:], b[2:]):
             torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-5)
-        row = {}
+        differ = a[1] != b[1]
+        row = {"tied_ids": int(differ.sum())}
+        if differ.any():
+            values = a[0][differ.any(dim=-1)]
+            assert bool((values[:, 1:] == values[:, :-1]).any(dim=-1).all()), "ids differ"
         for label, fn in (("ours", ours), ("naive", naive)):
             with _count_communication({"values": 0}) as counter:
                 fn()
@@ -209,6 +215,11 @@ def main() -> None:
         naive_v = max(r["naive_values_per_token"] for r in rows)
         ours_m = max(r["ours_peak_extra"] for r in rows)
         naive_m = max(r["naive_peak_extra"] for r in rows)
+        tied = max(r["tied_ids"] for r in rows)
+        print(
+            f"{name:<10} check  values equal; ids equal except {tied} tied position(s), "
+            "where we return the lower id"
+        )
         print(
             f"{name:<10} ratio  naive/ours time {naive_s / ours_s:5.2f}x | communication "
             f"{naive_v / ours_v:,.0f}x less ({ours_v:.1f} vs 2*K*TP = {2 * args.k * TP}) | "

@@ -408,3 +408,45 @@ def test_bad_input_raises_value_error_on_every_rank(world):
         assert len(set(messages)) == 1, f"{name}: ranks disagree: {messages}"
         assert messages[0].startswith("ValueError: "), f"{name}: {messages[0]}"
         assert EXPECTED_ERRORS[name] in messages[0], f"{name}: {messages[0]}"
+
+
+def _check_single_rank(device: str) -> None:
+    """tp_group=None in this process: every op against the full-vocabulary reference."""
+    from megatron_opd.ops import (
+        vocab_parallel_entropy,
+        vocab_parallel_log_probs,
+        vocab_parallel_topk_log_probs,
+    )
+
+    for dtype in (torch.float32, torch.bfloat16):
+        full = _full_logits(1, SHAPE, VOCAB, dtype, ties=dtype == torch.bfloat16).to(device)
+        ids = _ids(3, SHAPE, VOCAB).to(device)
+        scaled = full[..., :VOCAB].double() / TEMPERATURE
+        opts = dict(temperature=TEMPERATURE, vocab_size=VOCAB, chunk_size=4)
+        log_probs, top_ids, lse = vocab_parallel_topk_log_probs(full, 5, None, **opts)
+        real = full[..., :VOCAB].float() / TEMPERATURE
+        ref = torch.sort(real, dim=-1, descending=True, stable=True)
+        assert torch.equal(top_ids, ref.indices[..., :5])
+        ref_log_probs = torch.log_softmax(scaled, -1)
+        torch.testing.assert_close(
+            log_probs.double(), ref_log_probs.gather(-1, top_ids), **_tol(torch.float32)
+        )
+        torch.testing.assert_close(lse.double(), torch.logsumexp(scaled, -1), **_tol(torch.float32))
+        leaf = full.detach().clone().requires_grad_(True)
+        (vocab_parallel_log_probs(leaf, ids, None, **opts).sum()).backward()
+        ref_leaf = full.double().requires_grad_(True)
+        torch.log_softmax(ref_leaf[..., :VOCAB] / TEMPERATURE, -1).gather(-1, ids).sum().backward()
+        torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, **_tol(dtype))
+        entropy = vocab_parallel_entropy(full, None, **opts)
+        ref_entropy = -(torch.softmax(scaled, -1) * torch.log_softmax(scaled, -1)).sum(-1)
+        torch.testing.assert_close(entropy.double(), ref_entropy, **_tol(torch.float32))
+
+
+def test_single_rank_in_process_cpu():
+    _check_single_rank("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_single_rank_in_process_cuda():
+    _check_single_rank("cuda")

@@ -21,7 +21,9 @@ one chunk (bf16 logits stay bf16 in memory). Megatron's padding ids (``>= vocab_
 never read. ``temperature`` divides the logits first; outputs are float32 (float64 for
 float64 input). The differentiable ops send the gradient to the shard that owns each entry,
 assuming (as Megatron's cross entropy does) that every TP rank computes the same loss from
-the replicated outputs. Each op is a collective: call it on every rank of ``tp_group`` with
+the replicated outputs. ``-inf`` logits mark masked ids (probability 0, never in a
+top-K); NaN, ``+inf``, a token with every id masked or fewer than ``k`` unmasked ids raise
+``ValueError``. Each op is a collective: call it on every rank of ``tp_group`` with
 the same token layout, ids and options; ``tp_group`` None or of size 1 means no
 communication. Bad arguments raise the same ``ValueError`` on every rank (see
 :mod:`.shard`).
