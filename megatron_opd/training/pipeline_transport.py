@@ -13,35 +13,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd.distributed import ParallelGroups
+from megatron_opd.scoring import broadcast_from_last_stage as broadcast_tensors_from_last_stage
 
-_MAX_DIMS = 4
 
-
-def broadcast_from_last_stage(
-    tensor: torch.Tensor | None, groups: ParallelGroups, *, dtype: torch.dtype
-) -> torch.Tensor:
-    """Return the last stage's ``tensor`` on every stage of this pipeline.
-
-    The last stage passes its tensor (any shape up to 4-D); other stages pass None.
-    """
-    if groups.pp_size == 1:
-        assert tensor is not None
-        return tensor
-    device = groups.platform.device
-    src = groups.last_stage_global_rank
-    shape = torch.zeros(_MAX_DIMS + 1, dtype=torch.int64, device=device)
-    if groups.is_last_stage:
-        assert tensor is not None and tensor.dim() <= _MAX_DIMS
-        shape[0] = tensor.dim()
-        shape[1 : 1 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
-    dist.broadcast(shape, src=src, group=groups.pp_group)
-    dims = [int(d) for d in shape[1 : 1 + int(shape[0])].tolist()]
-    if groups.is_last_stage:
-        data = tensor.to(device=device, dtype=dtype).contiguous()
-    else:
-        data = torch.empty(dims, dtype=dtype, device=device)
-    dist.broadcast(data, src=src, group=groups.pp_group)
-    return data
+def broadcast_from_last_stage(tensor: torch.Tensor | None, groups: ParallelGroups) -> torch.Tensor:
+    """The last stage's ``tensor`` on every stage of this pipeline (other stages pass
+    None); one tensor of :func:`megatron_opd.scoring.broadcast_from_last_stage`."""
+    return broadcast_tensors_from_last_stage([tensor], groups)[0]
 
 
 def gather_across_data_parallel(tensor: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:

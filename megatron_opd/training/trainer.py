@@ -288,13 +288,13 @@ class Trainer:
                 trim=cfg.training.trim,
             )
             encoded = plan.to_tensor()
-        encoded = broadcast_from_last_stage(encoded, groups, dtype=torch.int64)
+        encoded = broadcast_from_last_stage(encoded, groups)
         return TrimPlan.from_tensor(encoded.cpu())
 
     def _global_effective_lengths(self, batch: RolloutBatch) -> torch.Tensor:
         groups = self.groups
-        local = batch.effective_lengths if groups.is_last_stage else None
-        local = broadcast_from_last_stage(local, groups, dtype=torch.int64)
+        local = batch.effective_lengths.to(torch.int64) if groups.is_last_stage else None
+        local = broadcast_from_last_stage(local, groups)
         return gather_across_data_parallel(local.to(groups.platform.device), groups).cpu()
 
     def forward_backward(self, batch: RolloutBatch, plan: TrimPlan) -> tuple[float, float]:
@@ -328,7 +328,7 @@ class Trainer:
             for report in reports:
                 totals += report["loss"].to(totals)
         # Loss sums live on the last stage of each pipeline: share them with every rank.
-        totals = broadcast_from_last_stage(totals, groups, dtype=torch.float64)
+        totals = broadcast_from_last_stage(totals if groups.is_last_stage else None, groups)
         if groups.dp_size > 1:
             dist.all_reduce(totals, group=groups.dp_group)
         return float(totals[0]), float(totals[1])
@@ -377,7 +377,7 @@ class Trainer:
             topk_kl = (student_topk.exp() * (batch.student_topk_log_probs
                        - batch.teacher_log_probs_at_student_ids)).sum(-1)  # fmt: skip
             values[9] = (topk_kl * valid).sum()
-        values = broadcast_from_last_stage(values, groups, dtype=torch.float64)
+        values = broadcast_from_last_stage(values if groups.is_last_stage else None, groups)
         if groups.dp_size > 1:
             dist.all_reduce(values, group=groups.dp_group)
         valid_tokens = max(float(values[3]), 1.0)
