@@ -17,16 +17,18 @@ every op here moves ``O(K * TP)``:
   already among its top-K candidates.
 
 All ops flatten the leading dims to tokens and walk them in chunks, so the only fp32 copy is
-one chunk (bf16 logits stay bf16 in memory). Megatron's padding ids (``>= vocab_size``) are
-never read. ``temperature`` divides the logits first; outputs are float32 (float64 for
-float64 input). The differentiable ops send the gradient to the shard that owns each entry,
-assuming (as Megatron's cross entropy does) that every TP rank computes the same loss from
-the replicated outputs. ``-inf`` logits mark masked ids (probability 0, never in a
-top-K); NaN, ``+inf``, a token with every id masked or fewer than ``k`` unmasked ids raise
-``ValueError``. Each op is a collective: call it on every rank of ``tp_group`` with
-the same token layout, ids and options; ``tp_group`` None or of size 1 means no
-communication. Bad arguments raise the same ``ValueError`` on every rank (see
-:mod:`.shard`).
+one chunk (bf16 logits stay bf16 in memory; a non-contiguous view such as a transposed
+``[b, s, V/TP]`` is copied once by the flattening, so pass Megatron's contiguous output).
+Megatron's padding ids (``>= vocab_size``) are never read. ``temperature`` divides the
+logits first; outputs are float32 (float64 for float64 input). The differentiable ops send
+the gradient to the shard that owns each entry, assuming (as Megatron's cross entropy does)
+that every TP rank computes the same loss from the replicated outputs.
+
+``-inf`` logits mark masked ids (probability 0, never in a top-K); NaN, ``+inf``, a token
+with every id masked or with fewer than ``k`` unmasked ids raise ``ValueError``. Each op is
+a collective: call it on every rank of ``tp_group`` with the same token layout, ids and
+options; ``tp_group`` None or of size 1 means no communication. Bad arguments raise the same
+``ValueError`` on every rank (see :mod:`.shard`).
 """
 
 from __future__ import annotations
