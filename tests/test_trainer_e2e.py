@@ -191,3 +191,59 @@ def test_greedy_evaluation_generates_what_transformers_generates(tiny_run):
     for layout in (_layout(2, 1), _layout(1, 1)):  # TP=2, then DP=2 (problems split)
         got = run_distributed(_engine_responses, 2, [*overrides, *layout], problems)
         assert got[0] == got[1] == expected
+
+
+def _nan_losses(overrides):
+    import torch
+
+    from megatron_opd.checkpoint import find_latest_checkpoint
+    from megatron_opd.distributed import init_distributed
+    from megatron_opd.training.setup import build_components
+    from megatron_opd.training.trainer import Trainer, TrainingStopped
+
+    config = _config(overrides)
+    groups = init_distributed(config.parallel, seed=config.training.seed)
+    trainer = Trainer(config, groups, build_components(config, groups))
+    before = [p.detach().clone() for p in trainer.student[0].parameters()]
+    real_forward_backward = trainer.forward_backward
+    calls, snapshot = [], []
+
+    def poisoned(batch, plan):
+        loss_sum, num_tokens = real_forward_backward(batch, plan)
+        calls.append(loss_sum)
+        if len(calls) == 2:  # the weights after the one good step
+            snapshot.extend(p.detach().clone() for p in trainer.student[0].parameters())
+        if len(calls) >= 2:  # step 1 is good, then the loss turns NaN
+            return float("nan"), num_tokens
+        return loss_sum, num_tokens
+
+    trainer.forward_backward = poisoned
+    try:
+        trainer.train()
+    except TrainingStopped as err:
+        message = str(err)
+    else:
+        message = None
+    after_good_step = find_latest_checkpoint(config.checkpoint.save_dir)
+    final = list(trainer.student[0].parameters())
+    changed = [not torch.equal(a, b) for a, b in zip(before, final)]
+    return {
+        "kept_good_state": all(torch.equal(a, b) for a, b in zip(snapshot, final)),
+        "message": message,
+        "skipped": [h["skipped"] for h in trainer.history],
+        "checkpoint": after_good_step.name if after_good_step else None,
+        "weights_changed": any(changed),
+    }
+
+
+def test_nan_losses_are_skipped_and_three_in_a_row_stop_with_a_checkpoint(tiny_run, tmp_path):
+    root, overrides = tiny_run
+    out = run_distributed(
+        _nan_losses, 2,
+        [*overrides, *_layout(2, 1), "training.num_steps=8", f"checkpoint.save_dir={tmp_path}"],
+    )[0]  # fmt: skip
+    assert out["message"] is not None and "3 steps in a row" in out["message"]
+    assert out["skipped"] == [0.0, 1.0, 1.0, 1.0]
+    assert out["checkpoint"] == "step_00000004"
+    assert out["weights_changed"]  # the good first step did update the student
+    assert out["kept_good_state"]  # the skipped steps did not

@@ -151,6 +151,9 @@ class Trainer:
                     f"({self.consecutive_bad_steps} in a row)"
                 )
                 if self.consecutive_bad_steps >= cfg.training.max_consecutive_bad_steps:
+                    # Skipped steps never touched the weights or the optimizer: this saves
+                    # the last good state (with the data position past the bad batches).
+                    self.save()
                     raise TrainingStopped(
                         f"{self.consecutive_bad_steps} steps in a row had a non-finite loss or "
                         "gradient; stopped. The last good state is the latest checkpoint in "
