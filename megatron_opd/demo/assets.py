@@ -130,7 +130,9 @@ class DemoAssetSettings:
     """Peak SFT learning rate."""
 
     num_threads: int = 2
-    """torch CPU threads during the build."""
+    """torch CPU threads during the build. Two suit two idle cores; on a machine shared
+    with other busy processes use 1: two OpenMP threads then ran ~10x slower per step
+    than one (measured: 6.4 s vs 0.65 s per teacher step at load average ~3.7)."""
 
     budget_clock: Literal["wall", "cpu"] = "wall"
     """Clock of the time caps: wall time, or CPU time / threads (idle-machine wall time,

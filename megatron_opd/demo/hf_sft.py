@@ -95,7 +95,7 @@ def sft_batch(problems: list[ChainProblem], tokenizer: Tokenizer):
 
 @torch.no_grad()
 def generate_greedy(
-    model, tokenizer: Tokenizer, problems: list[str], *, max_new_tokens: int, batch_size: int = 64
+    model, tokenizer: Tokenizer, problems: list[str], *, max_new_tokens: int, batch_size: int = 256
 ) -> list[str]:
     """Greedy responses (decoded text) for ``problems``, with the KV cache."""
     model.eval()
