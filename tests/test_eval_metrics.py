@@ -98,3 +98,22 @@ def test_load_math_set_and_evaluate(tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl:1: missing field 'problem'"):
         load_math_set(tmp_path / "bad.jsonl")
     assert load_math_set(tmp_path / "bad.jsonl", problem_key="question").problems[0].problem == "q"
+
+
+def test_grade_timeout_off_main_thread(monkeypatch):
+    import time
+
+    from megatron_opd.eval import grading
+
+    def slow_verify(response, answer, timeout):
+        assert timeout is None  # signal-based timeouts are off outside the main thread
+        time.sleep(1.0)
+        return True
+
+    monkeypatch.setattr(grading, "_verify", slow_verify)
+    out = []
+    start = time.perf_counter()
+    worker = threading.Thread(target=lambda: out.append(grade("\\boxed{1}", "1", timeout_s=0.1)))
+    worker.start()
+    worker.join()
+    assert out == [False] and time.perf_counter() - start < 0.9
