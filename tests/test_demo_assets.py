@@ -95,3 +95,27 @@ def test_full_demo_assets_reach_targets(tmp_path):
     assets = make_demo_assets(tmp_path, seed=0, show_progress=False)
     assert assets.teacher_report["accuracy"] >= 0.9
     assert 0.0 < assets.student_report["accuracy"] < assets.teacher_report["accuracy"]
+
+
+def test_thread_probe_keeps_the_faster_count():
+    from megatron_opd.demo.hf_sft import _ThreadProbe
+
+    previous = torch.get_num_threads()
+    try:
+        for timings, expected in (
+            ([1.0, 5.0], 2),
+            ([9.0, 1.0], 1),
+            ([1.1, 1.5, 1.2, 1.0], 1),
+            ([1.0, 1.5, 1.2, 1.3], 2),
+        ):
+            torch.set_num_threads(2)
+            probe = _ThreadProbe()
+            step = 1
+            for seconds in timings:  # step indices 1, 2, ... alternate 2 threads and 1
+                probe.before_step(step)
+                assert torch.get_num_threads() == (2 if step % 2 else 1)
+                probe.after_step(step + 1, seconds)
+                step += 1
+            assert probe.done and torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(previous)

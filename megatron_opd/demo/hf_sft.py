@@ -160,6 +160,11 @@ class SFTSchedule:
     """No evaluation before this much training (accuracy is 0 before the model learns
     the format, so early evaluations only cost time)."""
 
+    probe_threads: bool = True
+    """Time a few steps with the current torch thread count and with one thread, and keep
+    the faster. On a CPU shared with busy processes, two OpenMP threads can run ~10x
+    slower than one (they spin waiting for each other); on idle cores two are faster."""
+
     clock: Literal["wall", "cpu"] = "wall"
     """What the seconds above measure. ``"wall"``: wall time. ``"cpu"``: the process's CPU
     time divided by its torch threads, i.e. wall time on an idle machine; use it on a
@@ -188,8 +193,39 @@ class SFTResult:
     reached_target: bool
     """Whether ``target_accuracy`` was reached before ``max_seconds``."""
 
+    num_threads: int = 1
+    """torch threads used after the thread probe."""
+
     history: list[dict] = field(default_factory=list)
     """One entry per evaluation: step, train_seconds, loss, accuracy."""
+
+
+class _ThreadProbe:
+    """Alternate the configured thread count and one thread on steps 1-4; keep the faster.
+
+    Step 0 is left out (first-call allocation). A gap of 2x after one step of each
+    decides at once (a thrashing machine makes every configured step costly); otherwise
+    the faster of two steps each decides.
+    """
+
+    def __init__(self) -> None:
+        self.configured = torch.get_num_threads()
+        self.timings: dict[int, list[float]] = {self.configured: [], 1: []}
+        self.done = self.configured == 1
+
+    def before_step(self, step: int) -> None:
+        if 1 <= step <= 4:
+            torch.set_num_threads(self.configured if step % 2 else 1)
+
+    def after_step(self, step: int, seconds: float) -> None:
+        index = step - 1
+        if not 1 <= index <= 4:
+            return
+        self.timings[self.configured if index % 2 else 1].append(seconds)
+        best = {n: min(t) for n, t in self.timings.items() if t}
+        if len(best) == 2 and (index == 4 or max(best.values()) > 2 * min(best.values())):
+            torch.set_num_threads(min(best, key=best.get))
+            self.done = True
 
 
 def train_sft(
@@ -226,14 +262,14 @@ def train_sft(
             "[{elapsed}<{remaining}]{postfix}"
         ),
     )
-    threads = torch.get_num_threads()
-    if schedule.clock == "cpu":
-        clock = lambda: time.process_time() / threads
-    else:
-        clock = time.perf_counter
+    clock = time.process_time if schedule.clock == "cpu" else time.perf_counter
     wall_start = time.perf_counter()
+    thread_probe = _ThreadProbe() if schedule.probe_threads else None
     while True:
-        start = clock()
+        if thread_probe is not None:
+            thread_probe.before_step(step)
+        threads = torch.get_num_threads() if schedule.clock == "cpu" else 1
+        start, start_wall = clock(), time.perf_counter()
         num_terms = rng.randint(*term_counts)
         batch: list[ChainProblem] = []
         while len(batch) < schedule.batch_size:
@@ -262,7 +298,11 @@ def train_sft(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
-        train_s += clock() - start
+        train_s += (clock() - start) / threads
+        if thread_probe is not None:
+            thread_probe.after_step(step, time.perf_counter() - start_wall)
+            if thread_probe.done:
+                thread_probe = None
         bar.update(min(train_s, schedule.max_seconds) - bar.n)
         out_of_time = train_s >= schedule.max_seconds
         due = train_s - last_eval >= schedule.eval_every_seconds
@@ -293,5 +333,6 @@ def train_sft(
         eval_seconds=eval_s,
         steps=step,
         reached_target=accuracy >= schedule.target_accuracy,
+        num_threads=torch.get_num_threads(),
         history=history,
     )
