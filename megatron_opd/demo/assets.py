@@ -3,8 +3,8 @@
 :func:`make_demo_assets` writes, under ``out_dir``:
 
 - ``tokenizer/``: a SentencePiece model trained on the chain task's text;
-- ``train_prompts.jsonl`` and ``eval_prompts.jsonl``: disjoint splits of the task
-  (problem, answer, worked solution);
+- ``prompts/train_prompts.jsonl`` and ``prompts/eval_prompts.jsonl``: disjoint splits
+  of the task (problem, answer, worked solution);
 - ``teacher/``: a tiny ``Qwen3ForCausalLM`` (default 4 layers, width 128) trained by SFT
   on worked solutions until it solves ``teacher_target_accuracy`` of the held-out split
   (greedy, math-verify) or its time cap runs out;
