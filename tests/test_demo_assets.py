@@ -119,3 +119,13 @@ def test_thread_probe_keeps_the_faster_count():
             assert probe.done and torch.get_num_threads() == expected
     finally:
         torch.set_num_threads(previous)
+
+
+def test_weak_teacher_warns():
+    from megatron_opd.demo.assets import DemoAssetSettings, _warn_if_weak
+
+    settings = DemoAssetSettings()
+    with pytest.warns(RuntimeWarning, match="below teacher_target_accuracy"):
+        _warn_if_weak({"accuracy": 0.5, "steps": 10}, {"accuracy": 0.1}, settings)
+    with pytest.warns(RuntimeWarning, match="not worse than the teacher"):
+        _warn_if_weak({"accuracy": 0.95, "steps": 10}, {"accuracy": 0.95}, settings)

@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -134,6 +135,10 @@ class DemoAssetSettings:
     with other busy processes use 1: two OpenMP threads then ran ~10x slower per step
     than one (measured: 6.4 s vs 0.65 s per teacher step at load average ~3.7)."""
 
+    warn_if_weak: bool = True
+    """Warn when the teacher misses its target or is not better than the student (the
+    usual cause is a CPU busy with other work: the time caps then buy fewer steps)."""
+
     budget_clock: Literal["wall", "cpu"] = "wall"
     """Clock of the time caps: wall time, or CPU time / threads (idle-machine wall time,
     for building on a shared machine)."""
@@ -173,6 +178,7 @@ def tiny_settings(seed: int = 0) -> DemoAssetSettings:
         batch_size=32,
         # One thread: at this size a second one gains little, and tests share the machine.
         num_threads=1,
+        warn_if_weak=False,
     )
 
 
@@ -236,6 +242,28 @@ def _torch_threads(num_threads: int):
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def _warn_if_weak(teacher: dict, student: dict, s: DemoAssetSettings) -> None:
+    fix = (
+        "the time caps bought too few steps (a busy CPU?); raise teacher_max_seconds, "
+        "build on idle cores, or set budget_clock='cpu'"
+    )
+    if teacher["accuracy"] < s.teacher_target_accuracy:
+        warnings.warn(
+            f"demo teacher reached {teacher['accuracy']:.1%} held-out accuracy in "
+            f"{teacher['steps']} steps, below teacher_target_accuracy="
+            f"{s.teacher_target_accuracy}; {fix}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    if student["accuracy"] >= teacher["accuracy"]:
+        warnings.warn(
+            f"demo student ({student['accuracy']:.1%}) is not worse than the teacher "
+            f"({teacher['accuracy']:.1%}), so distillation has nothing to teach; {fix}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def make_demo_assets(
@@ -376,6 +404,8 @@ def make_demo_assets(
             ),
             model_seed=s.seed * 1000 + 22,
         )
+    if s.warn_if_weak:
+        _warn_if_weak(teacher_report, student_report, s)
     return DemoAssets(
         tokenizer_dir=tokenizer_dir,
         train_prompts=splits_dir / "train_prompts.jsonl",
