@@ -124,8 +124,9 @@ class DemoAssetSettings:
     student_min_eval_seconds: float = 10.0
     """No student evaluation before this much training."""
 
-    batch_size: int = 64
-    """SFT problems per optimizer step."""
+    batch_size: int = 32
+    """SFT problems per optimizer step. 32 reached the teacher target with ~40 % less
+    compute than 64 (572 vs 478 steps at half the cost per step; seed 0)."""
 
     lr: float = 3e-3
     """Peak SFT learning rate."""
