@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         if not rest or rest[0] not in sub:
             sys.exit(f"usage: megatron-opd convert {{{','.join(sub)}}} ...")
-        sub[rest[0]](rest[1:])
+        sys.exit(sub[rest[0]](rest[1:]) or 0)
     elif command == "config":
         args = _parse_train_args(rest, "megatron-opd config")
         from megatron_opd.config.describe import describe_config
