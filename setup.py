@@ -23,6 +23,10 @@ setup(
         "sentencepiece",
         "pyyaml",
         "safetensors",
+        # HF configs, tokenizers and the demo's SFT models; conversion writes HF checkpoints.
+        "transformers>=4.51",
+        # Prompt and evaluation sets in parquet (DAPO-Math-17k ships as parquet).
+        "pyarrow",
         "tqdm",
         "math-verify>=0.9",
         "matplotlib",
@@ -32,7 +36,7 @@ setup(
         # NVIDIA apex is never listed: the PyPI name "apex" is an unrelated web toolkit.
         # Cluster containers ship NVIDIA apex; megatron_opd.platform detects it at run time.
         "gpu": ["transformer-engine[pytorch]", "vllm", "nvidia-modelopt"],
-        "test": ["pytest", "pytest-timeout", "hypothesis", "transformers>=4.51"],
+        "test": ["pytest", "pytest-timeout", "hypothesis"],
     },
     entry_points={"console_scripts": ["megatron-opd=megatron_opd.cli:main"]},
 )
