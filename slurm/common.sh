@@ -49,6 +49,46 @@ opd_source_model() { # name, e.g. qwen3_8b
   fi
   # shellcheck source=/dev/null
   source "$file"
+  opd_model_args
+}
+
+# The loaded model's facts as Megatron-LM flags, for tools that take them (pretrain_gpt.py
+# style). Fills the array MODEL_ARGS from NUM_LAYERS, HIDDEN_SIZE, ..., QK_LAYERNORM,
+# QKV_BIAS, TIE_WORD_EMBEDDINGS (opd_source_model calls it after loading a model file).
+opd_model_args() {
+  local flag
+  for flag in QK_LAYERNORM QKV_BIAS TIE_WORD_EMBEDDINGS; do
+    case ${!flag:?the model file sets no $flag} in
+      true | false) ;;
+      *)
+        echo "$flag=${!flag} in the model file: expected true or false" >&2
+        exit 2
+        ;;
+    esac
+  done
+  MODEL_ARGS=(
+    --swiglu
+    --normalization RMSNorm
+    --norm-epsilon "${RMS_NORM_EPS:?}"
+    --position-embedding-type rope
+    --rotary-base "${ROPE_THETA:?}"
+    --num-layers "${NUM_LAYERS:?}"
+    --hidden-size "${HIDDEN_SIZE:?}"
+    --ffn-hidden-size "${FFN_HIDDEN_SIZE:?}"
+    --num-attention-heads "${NUM_ATTENTION_HEADS:?}"
+  )
+  if [ "${NUM_KV_HEADS:?}" != "$NUM_ATTENTION_HEADS" ]; then
+    MODEL_ARGS+=(--group-query-attention --num-query-groups "$NUM_KV_HEADS")
+  fi
+  MODEL_ARGS+=(
+    --kv-channels "${HEAD_DIM:?}"
+    --vocab-size "${VOCAB_SIZE:?}"
+    --max-position-embeddings "${MAX_POSITION_EMBEDDINGS:?}"
+    --disable-bias-linear # no bias on the linear layers, except q/k/v in Qwen2 below
+  )
+  [ "$QK_LAYERNORM" = false ] || MODEL_ARGS+=(--qk-layernorm)
+  [ "$QKV_BIAS" = false ] || MODEL_ARGS+=(--add-qkv-bias)
+  [ "$TIE_WORD_EMBEDDINGS" = true ] || MODEL_ARGS+=(--untie-embeddings-and-output-weights)
 }
 
 # srun the given command once per GPU on every node (NUM_NODES x TASKS_PER_NODE tasks).

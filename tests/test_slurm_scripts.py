@@ -269,14 +269,19 @@ FACTS = (
 
 
 def _source_model_file(path: Path) -> dict[str, str]:
+    """The facts of slurm/models/<path>, loaded by common.sh's opd_source_model."""
     printer = "; ".join(f'echo "{name}=${{{name}:?}}"' for name in FACTS)
+    # common.sh needs a job: a one-node one, with scontrol stubbed as a shell function.
+    job = "scontrol() { echo gpu-node-01; }; SLURM_JOB_ID=4242 SLURM_JOB_NODELIST=gpu-node-01"
     done = subprocess.run(
         [
             "bash",
             "-c",
-            f'set -u; source "$1"; {printer}; echo "NUM_MODEL_ARGS=${{#MODEL_ARGS[@]}}"',
+            f'set -u; {job}; REPO_DIR=$1; source "$1/slurm/common.sh"; opd_source_model "$2"; '
+            f'{printer}; echo "NUM_MODEL_ARGS=${{#MODEL_ARGS[@]}}"',
             "bash",
-            str(path),
+            str(REPO),
+            path.stem,
         ],
         capture_output=True,
         text=True,

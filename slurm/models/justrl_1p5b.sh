@@ -27,24 +27,3 @@ QKV_BIAS=true                   # bias on the q/k/v projections (Qwen2)
 # Default layout on 8 x H100 80GB (bf16); the scripts let TP/PP override them.
 MODEL_TP=1
 MODEL_PP=1
-
-# The same facts as Megatron-LM flags, for tools that take them (pretrain_gpt.py style).
-MODEL_ARGS=(
-  --swiglu
-  --normalization RMSNorm
-  --norm-epsilon 1e-6
-  --position-embedding-type rope
-  --rotary-base 10000
-  --num-layers 28
-  --hidden-size 1536
-  --ffn-hidden-size 8960
-  --num-attention-heads 12
-  --group-query-attention
-  --num-query-groups 2
-  --kv-channels 128
-  --vocab-size 151936
-  --max-position-embeddings 131072
-  --disable-bias-linear
-  --add-qkv-bias
-  --untie-embeddings-and-output-weights
-)

@@ -26,24 +26,3 @@ QKV_BIAS=false                  # bias on the q/k/v projections (Qwen2)
 # Default layout on 8 x H100 80GB (bf16); the scripts let TP/PP override them.
 MODEL_TP=2
 MODEL_PP=1
-
-# The same facts as Megatron-LM flags, for tools that take them (pretrain_gpt.py style).
-MODEL_ARGS=(
-  --swiglu
-  --normalization RMSNorm
-  --norm-epsilon 1e-6
-  --position-embedding-type rope
-  --rotary-base 1000000
-  --num-layers 36
-  --hidden-size 4096
-  --ffn-hidden-size 12288
-  --num-attention-heads 32
-  --group-query-attention
-  --num-query-groups 8
-  --kv-channels 128
-  --vocab-size 151936
-  --max-position-embeddings 40960
-  --disable-bias-linear
-  --qk-layernorm
-  --untie-embeddings-and-output-weights
-)
