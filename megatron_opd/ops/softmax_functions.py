@@ -102,6 +102,13 @@ class VocabParallelGather(torch.autograd.Function):
         return grad, None, None, None
 
 
+def _log_softmax_chunk(flat, lse, start: int, end: int, width: int, temperature: float):
+    """``flat[start:end, :width] / temperature - lse[start:end, None]``, a fresh ``[c, width]``
+    buffer the caller may overwrite (the backward passes recompute the softmax per chunk)."""
+    x, writable = scaled_chunk(flat[start:end, :width], temperature)
+    return x.sub_(lse[start:end, None]) if writable else x - lse[start:end, None]
+
+
 class VocabParallelLogSoftmax(torch.autograd.Function):
     """``((logits / T) at ids [N, n], logsumexp(logits / T) [N])``, chunked."""
 
@@ -138,8 +145,7 @@ class VocabParallelLogSoftmax(torch.autograd.Function):
         for start, end in chunk_ranges(flat.shape[0], chunk_tokens):
             if width == 0:
                 break
-            x, writable = scaled_chunk(flat[start:end, :width], temperature)
-            shifted = x.sub_(lse[start:end, None]) if writable else x - lse[start:end, None]
+            shifted = _log_softmax_chunk(flat, lse, start, end, width, temperature)
             chunk_grad = shifted.exp_().mul_(grad_lse[start:end, None])
             if cols.shape[1]:
                 owned_grad = torch.where(owned[start:end], grad_picked[start:end], 0.0)
@@ -147,7 +153,7 @@ class VocabParallelLogSoftmax(torch.autograd.Function):
             if temperature != 1.0:
                 chunk_grad.div_(temperature)
             grad[start:end, :width] = chunk_grad
-            del x, shifted, chunk_grad  # one chunk buffer alive at a time
+            del shifted, chunk_grad  # one chunk buffer alive at a time
         return grad, None, None, None, None
 
 
@@ -206,13 +212,12 @@ class VocabParallelEntropy(torch.autograd.Function):
         for start, end in chunk_ranges(flat.shape[0], chunk_tokens):
             if width == 0:
                 break
-            x, writable = scaled_chunk(flat[start:end, :width], temperature)
-            log_p = x.sub_(lse[start:end, None]) if writable else x - lse[start:end, None]
+            log_p = _log_softmax_chunk(flat, lse, start, end, width, temperature)
             log_p.clamp_(min=torch.finfo(log_p.dtype).min)  # masked entries: p = 0, grad 0
             p = log_p.exp()
             # dH/dx_v = -p_v (log p_v + H)
             chunk_grad = p.mul_(log_p.add_(entropy[start:end, None]))
             chunk_grad.mul_((-grad_entropy[start:end] / temperature)[:, None])
             grad[start:end, :width] = chunk_grad
-            del x, log_p, p, chunk_grad  # at most two chunk buffers alive at a time
+            del log_p, p, chunk_grad  # at most two chunk buffers alive at a time
         return grad, None, None, None

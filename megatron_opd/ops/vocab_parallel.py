@@ -132,6 +132,23 @@ def _topk_impl(
     return values, ids, lse, bad
 
 
+def _checked_topk(logits, k, tp_group, temperature, vocab_size, chunk_size, with_logsumexp):
+    """:func:`_topk_impl` over every token of ``logits [..., V_local]``, arguments checked.
+
+    Returns ``(values [N, k], ids [N, k], logsumexp [N] or None)``; raises on bad rows.
+    """
+    shard = make_shard(
+        logits, tp_group, vocab_size=vocab_size, temperature=temperature, chunk_size=chunk_size, k=k
+    )
+    flat = logits.detach().reshape(-1, shard.local_size)
+    chunk_tokens = chunk_tokens_for(chunk_size, shard.local_size)
+    values, ids, lse, bad = _topk_impl(
+        flat, shard, k, float(temperature), chunk_tokens, with_logsumexp
+    )
+    raise_if_nonfinite(bad, "logits", shard)
+    return values, ids, lse
+
+
 def vocab_parallel_topk(
     logits: torch.Tensor,
     k: int,
@@ -157,14 +174,9 @@ def vocab_parallel_topk(
         logits sorted descending, ties broken toward the lower id (as a stable descending
         sort of the full vocabulary would). No gradient.
     """
-    shard = make_shard(
-        logits, tp_group, vocab_size=vocab_size, temperature=temperature, chunk_size=chunk_size, k=k
+    values, ids, _ = _checked_topk(
+        logits, k, tp_group, temperature, vocab_size, chunk_size, with_logsumexp=False
     )
-    flat = logits.detach().reshape(-1, shard.local_size)
-    values, ids, _, bad = _topk_impl(
-        flat, shard, k, float(temperature), chunk_tokens_for(chunk_size, shard.local_size), False
-    )
-    raise_if_nonfinite(bad, "logits", shard)
     lead = logits.shape[:-1]
     return values.view(*lead, k), ids.view(*lead, k)
 
@@ -189,14 +201,9 @@ def vocab_parallel_topk_log_probs(
         :func:`vocab_parallel_topk`. No gradient (use :func:`vocab_parallel_log_probs` at
         these ids for a differentiable loss).
     """
-    shard = make_shard(
-        logits, tp_group, vocab_size=vocab_size, temperature=temperature, chunk_size=chunk_size, k=k
+    values, ids, lse = _checked_topk(
+        logits, k, tp_group, temperature, vocab_size, chunk_size, with_logsumexp=True
     )
-    flat = logits.detach().reshape(-1, shard.local_size)
-    values, ids, lse, bad = _topk_impl(
-        flat, shard, k, float(temperature), chunk_tokens_for(chunk_size, shard.local_size), True
-    )
-    raise_if_nonfinite(bad, "logits", shard)
     lead = logits.shape[:-1]
     return (values - lse[:, None]).view(*lead, k), ids.view(*lead, k), lse.view(lead)
 
@@ -263,6 +270,21 @@ def topk_overlap(
 # differentiable ops
 
 
+def _flat_and_ids(logits, global_ids, tp_group, temperature, vocab_size, chunk_size):
+    """Checked ``(shard, flat logits [N, V_local], ids [N, n] long)`` of an op at ids."""
+    shard = make_shard(
+        logits,
+        tp_group,
+        vocab_size=vocab_size,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        global_ids=global_ids,
+    )
+    flat = logits.reshape(-1, shard.local_size)
+    ids = global_ids.reshape(flat.shape[0], global_ids.shape[-1]).long()
+    return shard, flat, ids
+
+
 def vocab_parallel_gather(
     logits: torch.Tensor,
     global_ids: torch.Tensor,
@@ -283,16 +305,7 @@ def vocab_parallel_gather(
         lands on the shard that owns its id only. Reads ``n`` values per token (no pass
         over the shard); communicates ``n`` values per token.
     """
-    shard = make_shard(
-        logits,
-        tp_group,
-        vocab_size=vocab_size,
-        temperature=temperature,
-        chunk_size=None,
-        global_ids=global_ids,
-    )
-    flat = logits.reshape(-1, shard.local_size)
-    ids = global_ids.reshape(flat.shape[0], global_ids.shape[-1]).long()
+    shard, flat, ids = _flat_and_ids(logits, global_ids, tp_group, temperature, vocab_size, None)
     picked = VocabParallelGather.apply(flat, ids, shard, float(temperature))
     return picked.view(global_ids.shape)
 
@@ -341,16 +354,9 @@ def vocab_parallel_log_probs(
     Communicates ``(n + 2) * TP`` values per token; one pass over the shard forward and
     one backward (the softmax is recomputed per chunk, not stored).
     """
-    shard = make_shard(
-        logits,
-        tp_group,
-        vocab_size=vocab_size,
-        temperature=temperature,
-        chunk_size=chunk_size,
-        global_ids=global_ids,
+    shard, flat, ids = _flat_and_ids(
+        logits, global_ids, tp_group, temperature, vocab_size, chunk_size
     )
-    flat = logits.reshape(-1, shard.local_size)
-    ids = global_ids.reshape(flat.shape[0], global_ids.shape[-1]).long()
     picked, lse = VocabParallelLogSoftmax.apply(
         flat, ids, shard, float(temperature), chunk_tokens_for(chunk_size, shard.local_size)
     )
