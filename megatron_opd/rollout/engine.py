@@ -125,3 +125,47 @@ class RolloutEngine(Protocol):
 
     def sync_weights(self) -> None:
         """Make the engine sample from the student's current weights."""
+
+
+def right_padded_batch(
+    rows: Sequence[Sequence[int]],
+    responses: Sequence[torch.Tensor],
+    log_probs: Sequence[torch.Tensor | None],
+    prompt_index: torch.Tensor,
+    *,
+    pad_id: int,
+    device: torch.device,
+) -> RolloutBatch:
+    """The RolloutBatch an engine returns: each row's prompt then response, right-padded.
+
+    Args:
+        rows: prompt token ids of each of the ``b`` rows.
+        responses: ``[r_i]`` int64 response ids of each row.
+        log_probs: ``[r_i]`` sampled-token log-probs of each row, or all None (a rank
+            without the logits, e.g. not the last pipeline stage: no sampled_log_probs).
+        prompt_index: ``[b]`` which prompt each row samples.
+        pad_id: id written right of every sequence.
+        device: where the batch's tensors live.
+    """
+    prompt_lengths = torch.tensor([len(r) for r in rows], dtype=torch.long, device=device)
+    response_lengths = torch.tensor(
+        [int(r.numel()) for r in responses], dtype=torch.long, device=device
+    )
+    seq = int((prompt_lengths + response_lengths).max())
+    tokens = torch.full((len(rows), seq), pad_id, dtype=torch.long, device=device)
+    has_log_probs = log_probs and log_probs[0] is not None
+    sampled = torch.zeros(len(rows), seq, device=device) if has_log_probs else None
+    for i, (prompt, response) in enumerate(zip(rows, responses)):
+        start, end = len(prompt), len(prompt) + response.numel()
+        tokens[i, :start] = torch.tensor(prompt, device=device)
+        tokens[i, start:end] = response.to(device)
+        if sampled is not None:
+            sampled[i, start:end] = log_probs[i].to(device)
+    return RolloutBatch(
+        tokens=tokens,
+        prompt_lengths=prompt_lengths,
+        response_lengths=response_lengths,
+        pad_id=pad_id,
+        sampled_log_probs=sampled,
+        prompt_index=prompt_index.to(device),
+    )

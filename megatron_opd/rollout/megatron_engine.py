@@ -46,7 +46,12 @@ from megatron_opd.config.rollout import RolloutConfig
 from megatron_opd.distributed import ParallelGroups
 from megatron_opd.ops.vocab_parallel import vocab_parallel_topk
 from megatron_opd.rollout.batch import RolloutBatch
-from megatron_opd.rollout.engine import ChunkListener, GenerationChunk, PromptBlock
+from megatron_opd.rollout.engine import (
+    ChunkListener,
+    GenerationChunk,
+    PromptBlock,
+    right_padded_batch,
+)
 from megatron_opd.rollout.sampling import mask_vocab_padding, sample_next_tokens
 from megatron_opd.scoring import eval_without_sequence_parallel, forward_through_stages
 
@@ -119,7 +124,9 @@ class MegatronRolloutEngine:
                 )
                 responses.extend(out[0])
                 log_probs.extend(out[1])
-        return self._to_batch(rows, responses, log_probs, prompt_index)
+        return right_padded_batch(
+            rows, responses, log_probs, prompt_index, pad_id=self.pad_id, device=self.device
+        )
 
     def _check_call(self, prompts, max_new_tokens: int, listener) -> int:
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -297,35 +304,3 @@ class MegatronRolloutEngine:
                 f"(one per chunk row), got shape {tuple(stop.shape)}"
             )
         return stop.to(self.device, torch.bool)
-
-    def _to_batch(
-        self,
-        rows: list[list[int]],
-        responses: list[torch.Tensor],
-        log_probs: list[torch.Tensor | None],
-        prompt_index: torch.Tensor,
-    ) -> RolloutBatch:
-        """Right-padded RolloutBatch layout (prompt at column 0)."""
-        dev = self.device
-        prompt_lengths = torch.tensor([len(r) for r in rows], dtype=torch.long, device=dev)
-        response_lengths = torch.tensor(
-            [int(r.numel()) for r in responses], dtype=torch.long, device=dev
-        )
-        seq = int((prompt_lengths + response_lengths).max())
-        tokens = torch.full((len(rows), seq), self.pad_id, dtype=torch.long, device=dev)
-        has_log_probs = log_probs and log_probs[0] is not None
-        sampled = torch.zeros(len(rows), seq, device=dev) if has_log_probs else None
-        for i, (prompt, response) in enumerate(zip(rows, responses)):
-            start, end = len(prompt), len(prompt) + response.numel()
-            tokens[i, :start] = torch.tensor(prompt, device=dev)
-            tokens[i, start:end] = response
-            if sampled is not None:
-                sampled[i, start:end] = log_probs[i]
-        return RolloutBatch(
-            tokens=tokens,
-            prompt_lengths=prompt_lengths,
-            response_lengths=response_lengths,
-            pad_id=self.pad_id,
-            sampled_log_probs=sampled,
-            prompt_index=prompt_index.to(dev),
-        )

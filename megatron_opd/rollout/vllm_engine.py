@@ -38,7 +38,12 @@ from megatron_opd.config.rollout import RolloutConfig
 from megatron_opd.distributed import ParallelGroups
 from megatron_opd.platform import cuda_available, has_module
 from megatron_opd.rollout.batch import RolloutBatch
-from megatron_opd.rollout.engine import ChunkListener, GenerationChunk, PromptBlock
+from megatron_opd.rollout.engine import (
+    ChunkListener,
+    GenerationChunk,
+    PromptBlock,
+    right_padded_batch,
+)
 
 
 def vllm_sampling_kwargs(
@@ -201,7 +206,9 @@ class VLLMRolloutEngine:
             if self.owner:
                 self.llm.sleep(level=1)
         prompt_index = torch.arange(len(prompts)).repeat_interleave(n)
-        return self._to_batch(rows, responses, log_probs, prompt_index)
+        return right_padded_batch(
+            rows, responses, log_probs, prompt_index, pad_id=self.pad_id, device=self.device
+        )
 
     def _sample(self, rows, num_new, seed, top_k):
         """One vLLM call (owner) broadcast to the replica: per row ids, log-probs, top-K."""
@@ -300,24 +307,3 @@ class VLLMRolloutEngine:
             src = groups.first_stage_global_rank
             dist.broadcast_object_list(box, src=src, group=groups.pp_group)
         return box[0]
-
-    def _to_batch(self, rows, responses, log_probs, prompt_index) -> RolloutBatch:
-        dev = self.device
-        prompt_lengths = torch.tensor([len(r) for r in rows], dtype=torch.long, device=dev)
-        response_lengths = torch.tensor([r.numel() for r in responses], device=dev)
-        seq = int((prompt_lengths + response_lengths).max())
-        tokens = torch.full((len(rows), seq), self.pad_id, dtype=torch.long, device=dev)
-        sampled = torch.zeros(len(rows), seq, device=dev)
-        for i, (prompt, response) in enumerate(zip(rows, responses)):
-            start, end = len(prompt), len(prompt) + response.numel()
-            tokens[i, :start] = torch.tensor(prompt, device=dev)
-            tokens[i, start:end] = response.to(dev)
-            sampled[i, start:end] = log_probs[i].to(dev)
-        return RolloutBatch(
-            tokens=tokens,
-            prompt_lengths=prompt_lengths,
-            response_lengths=response_lengths.long(),
-            pad_id=self.pad_id,
-            sampled_log_probs=sampled,
-            prompt_index=prompt_index.to(dev),
-        )
