@@ -84,6 +84,10 @@ def _worker_main(rank, world_size, port, tasks, results, collective_timeout_s, e
         destroy_distributed()
     except Exception:  # noqa: BLE001 - best effort at shutdown
         pass
+    # dist_checkpointing's async writer leaves a multiprocessing Manager server behind (a
+    # child of this worker); without this it would outlive the pool as an orphan.
+    for child in mp.active_children():
+        child.terminate()
 
 
 class DistributedRankError(AssertionError):
@@ -197,8 +201,9 @@ class DistributedPool:
                 task_queue.put_nowait(None)
             except Exception:  # noqa: BLE001
                 pass
+        deadline = time.monotonic() + 5.0  # a clean exit also stops the workers' children
         for proc in self._procs:
-            proc.join(timeout=0.5)
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
         for proc in self._procs:
             if proc.is_alive():
                 proc.terminate()
