@@ -16,13 +16,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_opd.conversion.families import mappings_for, match
 from megatron_opd.conversion.hf_io import (
     ShardedSafetensorsWriter,
     atomic_output_dir,
     copy_tokenizer_files,
 )
-from megatron_opd.conversion.hf_loader import layer_offset, model_tensors
+from megatron_opd.conversion.hf_loader import mapped_tensors
 from megatron_opd.distributed import ParallelGroups
 from megatron_opd.models.hf_config import ModelInfo
 
@@ -31,24 +30,18 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 
 def _hf_tensors_of_stage(chunks, info: ModelInfo, groups: ParallelGroups, dtype):
     """Yield (HF name, full tensor) for this stage; only TP rank 0 gets non-empty items."""
-    mappings = mappings_for(info)
-    for chunk in chunks:
-        offset = layer_offset(chunk)
-        for name, param in model_tensors(chunk).items():
-            found = match(mappings, name, offset)
-            assert found is not None, f"no HF mapping for Megatron parameter {name}"
-            mapping, hf_names = found
-            if name.startswith("output_layer.") and info.tie_word_embeddings:
-                continue  # the tied copy on the last stage; HF stores only the embedding
-            local = param.detach()
-            if groups.tp_size > 1:
-                shards = [torch.empty_like(local) for _ in range(groups.tp_size)]
-                dist.all_gather(shards, local.contiguous(), group=groups.tp_group)
-            else:
-                shards = [local]
-            if groups.tp_rank == 0:
-                for hf_name, tensor in mapping.to_hf(shards, hf_names, info).items():
-                    yield hf_name, tensor.to(dtype or tensor.dtype).contiguous()
+    for name, param, mapping, hf_names in mapped_tensors(chunks, info):
+        if name.startswith("output_layer.") and info.tie_word_embeddings:
+            continue  # the tied copy on the last stage; HF stores only the embedding
+        local = param.detach()
+        if groups.tp_size > 1:
+            shards = [torch.empty_like(local) for _ in range(groups.tp_size)]
+            dist.all_gather(shards, local.contiguous(), group=groups.tp_group)
+        else:
+            shards = [local]
+        if groups.tp_rank == 0:
+            for hf_name, tensor in mapping.to_hf(shards, hf_names, info).items():
+                yield hf_name, tensor.to(dtype or tensor.dtype).contiguous()
 
 
 def _stream_to_rank0(chunks, info, groups: ParallelGroups, dtype, sink) -> None:

@@ -40,6 +40,19 @@ def model_tensors(chunk: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def mapped_tensors(chunks: list[torch.nn.Module], info: ModelInfo):
+    """Yield ``(name, tensor, mapping, hf_names)`` for every weight of the chunks: its
+    Megatron name, the tensor, and the family mapping that converts it to HF names."""
+    mappings = mappings_for(info)
+    for chunk in chunks:
+        offset = layer_offset(chunk)
+        for name, tensor in model_tensors(chunk).items():
+            found = match(mappings, name, offset)
+            assert found is not None, f"no HF mapping for Megatron parameter {name}"
+            mapping, hf_names = found
+            yield name, tensor, mapping, hf_names
+
+
 def _listing(names) -> str:
     names = sorted(names)
     more = f" (+{len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else ""
@@ -84,15 +97,9 @@ def load_hf_weights(
 ) -> None:
     """Copy the HF checkpoint in ``hf_dir`` into this rank's chunks (TP/PP shards only)."""
     chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
-    mappings = mappings_for(info)
     with SafetensorsReader(hf_dir) as reader:
         validate_hf_checkpoint(reader, info)
-        for chunk in chunks:
-            offset = layer_offset(chunk)
-            for name, param in model_tensors(chunk).items():
-                found = match(mappings, name, offset)
-                assert found is not None, f"no HF mapping for Megatron parameter {name}"
-                mapping, hf_names = found
-                shard = mapping.load_shard(reader, hf_names, info, groups.tp_rank, groups.tp_size)
-                assert shard.shape == param.shape, (name, shard.shape, param.shape)
-                param.data.copy_(shard.to(param.dtype))
+        for name, param, mapping, hf_names in mapped_tensors(chunks, info):
+            shard = mapping.load_shard(reader, hf_names, info, groups.tp_rank, groups.tp_size)
+            assert shard.shape == param.shape, (name, shard.shape, param.shape)
+            param.data.copy_(shard.to(param.dtype))
