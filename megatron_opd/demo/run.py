@@ -190,7 +190,18 @@ def main(argv: list[str] | None = None) -> None:
         for k in totals_plain
     }
     evals = pruned["evals"]
+
+    def kl_start_end(history):
+        values = [h["reverse_kl_topk"] for h in history]
+        head = values[: max(1, len(values) // 5)]
+        tail = values[-max(1, len(values) // 5) :]
+        return sum(head) / len(head), sum(tail) / len(tail)
+
     summary = {
+        "reverse_kl_topk_first_to_last_fifth": {
+            "prune_opd": kl_start_end(pruned["history"]),
+            "plain_opd": kl_start_end(plain["history"]),
+        },
         "teacher_accuracy": evals["teacher"]["pass@1"],
         "student_accuracy_before": evals["student_before"]["pass@1"],
         "student_accuracy_after_prune_opd": evals["student_after"]["pass@1"],
@@ -212,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  student before distillation      {summary['student_accuracy_before']:6.1%}")
     print(f"  student after Prune-OPD          {summary['student_accuracy_after_prune_opd']:6.1%}")
     print(f"  student after plain OPD          {summary['student_accuracy_after_plain_opd']:6.1%}")
+    for run, (first, last) in summary["reverse_kl_topk_first_to_last_fifth"].items():
+        print(f"  reverse KL to teacher ({run}): {first:.3f} -> {last:.3f} (first -> last fifth)")
     print(f"tokens over {steps} steps        Prune-OPD    plain OPD    saved")
     for key in ("tokens_generated", "tokens_scored", "tokens_trained"):
         print(f"  {key:<24} {totals_pruned[key]:>10.0f}   {totals_plain[key]:>10.0f}   "
