@@ -33,7 +33,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        # NVIDIA apex is never listed: the PyPI name "apex" is an unrelated web toolkit.
+        # NVIDIA apex is never listed: the PyPI package of that name is an unrelated web toolkit.
         # Cluster containers ship NVIDIA apex; megatron_opd.platform detects it at run time.
         "gpu": ["transformer-engine[pytorch]", "vllm", "nvidia-modelopt"],
         "test": ["pytest", "pytest-timeout", "hypothesis"],
