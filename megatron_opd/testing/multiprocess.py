@@ -17,6 +17,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import signal
 import socket
 import time
 import traceback
@@ -35,6 +36,9 @@ def free_port() -> int:
 
 
 def _worker_main(rank, world_size, port, tasks, results, collective_timeout_s, env):
+    # Own process group: closing the pool kills the group, so helper processes a worker
+    # started (dist_checkpointing's Manager server) can never outlive it.
+    os.setpgrp()
     os.environ.update(env)
     os.environ.update(
         RANK=str(rank),
@@ -212,6 +216,10 @@ class DistributedPool:
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=2)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever the worker left behind
+            except (ProcessLookupError, PermissionError):
+                pass
         self._procs = []
         self._tasks = []
 
