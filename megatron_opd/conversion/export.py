@@ -70,6 +70,19 @@ def _stream_to_rank0(chunks, info, groups: ParallelGroups, dtype, sink) -> None:
                 sink(hf_name, tensor)
 
 
+def gather_hf_weights(
+    chunks, info: ModelInfo, groups: ParallelGroups, *, dtype: torch.dtype | None = None
+) -> list[tuple[str, torch.Tensor]]:
+    """Collective over the model replica: the model's HF-named full tensors on the
+    replica's first rank (TP rank 0 of the first stage), an empty list elsewhere.
+
+    Used to push the student's current weights into an external engine (vLLM).
+    """
+    collected: list[tuple[str, torch.Tensor]] = []
+    _stream_to_rank0(chunks, info, groups, dtype, lambda name, t: collected.append((name, t)))
+    return collected
+
+
 def write_hf_config_files(info: ModelInfo, out_dir: Path, dtype: torch.dtype) -> None:
     """config.json (the source's, with the dtype of the weights) and generation_config.json."""
     config = dict(info.hf_config)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from megatron_opd.checkpoint import unwrap_model
 from megatron_opd.config.opd import OPDConfig
 from megatron_opd.distributed import ParallelGroups
 from megatron_opd.training.metrics_logger import MetricsLogger
@@ -128,9 +129,20 @@ def build_components(config: OPDConfig, groups: ParallelGroups) -> RunComponents
     max_context = student_info.max_position_embeddings
 
     if config.rollout.engine == "vllm":
+        from megatron_opd.conversion.export import gather_hf_weights
         from megatron_opd.rollout.vllm_engine import VLLMRolloutEngine
 
-        engine = VLLMRolloutEngine(student_chunks[0], groups, config.rollout, tokenizer=tokenizer)
+        inner = [unwrap_model(chunk) for chunk in student_chunks]
+        engine = VLLMRolloutEngine(
+            student_chunks[0],
+            groups,
+            config.rollout,
+            tokenizer=tokenizer,
+            hf_model_dir=str(student_dir),
+            hf_weights=lambda: gather_hf_weights(inner, student_info, groups),
+            eos_token_ids=[tokenizer.eos_id],
+            pad_id=tokenizer.pad_id,
+        )
     else:
         engine = MegatronRolloutEngine(
             student_chunks[0],

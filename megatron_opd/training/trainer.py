@@ -139,6 +139,7 @@ class Trainer:
     def train(self) -> list[dict[str, float]]:
         """Run until ``training.num_steps``; returns the per-step metrics."""
         cfg = self.config
+        self.c.engine.sync_weights()  # an external engine (vLLM) starts from these weights
         while self.step < cfg.training.num_steps:
             metrics = self.train_step()
             self.step += 1
