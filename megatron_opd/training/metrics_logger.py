@@ -71,21 +71,10 @@ class MetricsLogger:
             )
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        """Record ``metrics`` for ``step`` everywhere."""
+        """Record ``metrics`` for ``step`` everywhere and advance the progress bar."""
         if not self.enabled:
             return
-        clean = {k: _to_float(v) for k, v in metrics.items()}
-        record = {"step": step, "wall_time_s": time.monotonic() - self._start, **clean}
-        if self._jsonl is not None:
-            self._jsonl.write(json.dumps(record) + "\n")
-            self._jsonl.flush()
-        if self._tb is not None:
-            for key, value in clean.items():
-                if math.isfinite(value):
-                    self._tb.add_scalar(key, value, step)
-            self._tb.flush()
-        if self._wandb is not None:
-            self._wandb.log(clean, step=step)
+        clean = self._write(step, metrics)
         if self._bar is not None:
             shown = {k: f"{clean[k]:.4g}" for k in _CONSOLE_KEYS if k in clean}
             self._bar.set_postfix(shown, refresh=False)
@@ -96,16 +85,23 @@ class MetricsLogger:
         progress bar."""
         if not self.enabled or not metrics:
             return
+        clean = self._write(step, metrics)
+        self.message(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in clean.items()))
+
+    def _write(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
         clean = {k: _to_float(v) for k, v in metrics.items()}
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+            record = {"step": step, "wall_time_s": time.monotonic() - self._start, **clean}
+            self._jsonl.write(json.dumps(record) + "\n")
             self._jsonl.flush()
         if self._tb is not None:
             for key, value in clean.items():
-                self._tb.add_scalar(key, value, step)
+                if math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+            self._tb.flush()
         if self._wandb is not None:
             self._wandb.log(clean, step=step)
-        self.message(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in clean.items()))
+        return clean
 
     def message(self, text: str) -> None:
         """A line on the console that does not break the progress bar."""

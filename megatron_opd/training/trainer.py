@@ -31,9 +31,9 @@ from megatron_opd.config.rollout import rollout_seed
 from megatron_opd.distributed import ParallelGroups
 from megatron_opd.prune import (
     ResponseBudget,
+    drift_events,
     plan_trimming,
     reliability_weights,
-    teacher_top_p_accept,
 )
 from megatron_opd.prune.trimming import TrimPlan
 from megatron_opd.rollout.batch import RolloutBatch
@@ -262,16 +262,15 @@ class Trainer:
         encoded = None
         if groups.is_last_stage:
             valid = batch.response_mask().to(batch.overlap_ratio.device)
-            if cfg.prune.metric == "overlap":
-                bad = (batch.overlap_ratio < cfg.prune.threshold) & valid
-            else:
-                accept = teacher_top_p_accept(
-                    batch.tokens.to(valid.device),
-                    batch.teacher_topk_ids,
-                    batch.teacher_topk_log_probs,
-                    cfg.prune.threshold,
-                )
-                bad = ~accept & valid
+            bad, _ = drift_events(
+                metric=cfg.prune.metric,
+                threshold=cfg.prune.threshold,
+                valid_mask=valid,
+                student_topk_ids=batch.student_topk_ids,
+                teacher_topk_ids=batch.teacher_topk_ids,
+                sampled_ids=batch.tokens.to(valid.device),
+                teacher_topk_log_probs=batch.teacher_topk_log_probs,
+            )
             if cfg.prune.enable:
                 result = reliability_weights(
                     bad, valid, w_drop=cfg.prune.w_drop, w_base=cfg.prune.w_base
