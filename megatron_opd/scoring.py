@@ -186,7 +186,8 @@ def score_rollouts(
 
     Sets ``student_topk_ids``, ``student_topk_log_probs``, ``student_sampled_log_probs``,
     ``teacher_topk_ids``, ``teacher_topk_log_probs``, ``teacher_log_probs_at_student_ids``,
-    ``teacher_sampled_log_probs`` and ``overlap_ratio``; every value is 0 off the response
+    ``student_log_probs_at_teacher_ids``, ``teacher_sampled_log_probs`` and
+    ``overlap_ratio``; every value is 0 off the response
     (see :class:`RolloutBatch`). Other stages only run their layers; their fields stay None.
 
     Args:
@@ -214,6 +215,7 @@ def score_rollouts(
             "teacher_topk_ids": torch.zeros(b, s, top_k, dtype=torch.long, device=device),
             "teacher_topk_log_probs": torch.zeros(b, s, top_k, **f32),
             "teacher_log_probs_at_student_ids": torch.zeros(b, s, top_k, **f32),
+            "student_log_probs_at_teacher_ids": torch.zeros(b, s, top_k, **f32),
             "teacher_sampled_log_probs": torch.zeros(b, s, **f32),
         }
     total = batch.total_lengths().to(device)
@@ -242,7 +244,8 @@ def score_rollouts(
             )
             at_ids = torch.cat([targets, s_ids], dim=-1)
             t_at = vocab_parallel_log_probs(teacher_logits, at_ids, tp, vocab_size=vocab_size)
-            s_at = vocab_parallel_log_probs(student_logits, targets, tp, vocab_size=vocab_size)
+            s_ids_at = torch.cat([targets, t_ids], dim=-1)
+            s_at = vocab_parallel_log_probs(student_logits, s_ids_at, tp, vocab_size=vocab_size)
             fields["student_topk_ids"][rows, cols] = s_ids
             fields["student_topk_log_probs"][rows, cols] = s_lp
             fields["student_sampled_log_probs"][rows, cols] = s_at[..., 0]
@@ -250,6 +253,7 @@ def score_rollouts(
             fields["teacher_topk_log_probs"][rows, cols] = t_lp
             fields["teacher_sampled_log_probs"][rows, cols] = t_at[..., 0]
             fields["teacher_log_probs_at_student_ids"][rows, cols] = t_at[..., 1:]
+            fields["student_log_probs_at_teacher_ids"][rows, cols] = s_at[..., 1:]
     if not last:
         return batch
     response = batch.response_mask().to(device)

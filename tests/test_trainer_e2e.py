@@ -94,6 +94,77 @@ def test_trimming_gives_the_same_gradients_as_the_untrimmed_batch(tiny_run):
             assert rank_out["max_grad_diff"] < 1e-5, rank_out
 
 
+def _mini_batches(overrides):
+    import torch
+
+    from megatron_opd.distributed import init_distributed
+    from megatron_opd.training.forward_step import make_forward_step
+    from megatron_opd.training.setup import build_components
+    from megatron_opd.training.trainer import Trainer
+
+    config = _config(overrides)
+    groups = init_distributed(config.parallel, seed=config.training.seed)
+    trainer = Trainer(config, groups, build_components(config, groups))
+
+    def grads():
+        return torch.cat([p.main_grad.reshape(-1).clone() for p in trainer.student[0].parameters()])
+
+    # Token-weighted mini-batch gradients at the same weights add up to the whole batch's.
+    batch = trainer.rollout_and_score()
+    full_plan = trainer.prune_and_plan(batch)
+    full_loss, full_tokens = trainer.forward_backward(batch, full_plan)
+    full = grads() * full_tokens
+    # Several updates per step: the PPO old log-probs come from scoring; at the step's first
+    # update they are the current ones, so the gradient equals the on-policy form's.
+    assert trainer.updates_per_step > 1
+    on_policy_step, trainer._forward_step = trainer._forward_step, make_forward_step(
+        loss_config=config.loss, tp_group=groups.tp_group, vocab_size=trainer.c.vocab_size,
+        is_last_stage=groups.is_last_stage, device=groups.platform.device, rollout_old=False,
+    )  # fmt: skip
+    trainer.forward_backward(batch, full_plan)
+    on_policy = grads() * full_tokens
+    trainer._forward_step = on_policy_step
+    summed, covered = torch.zeros_like(full), []
+    for rows, sub in trainer.split_mini_batches(batch, 2):
+        loss_sum, num_tokens = trainer.forward_backward(sub, trainer.plan(sub))
+        summed += grads() * num_tokens
+        covered += rows.tolist()
+    # A real step: 2 mini-batches x 2 epochs = 4 optimizer updates, 1 scheduler step.
+    updates, real_step = [], trainer.optimizer.step
+
+    def counted_step():
+        updates.append(1)
+        return real_step()
+
+    trainer.optimizer.step = counted_step
+    scheduler_before = trainer.scheduler.num_steps
+    metrics = trainer.train_step()
+    return {
+        "rows": (sorted(covered), batch.batch_size),
+        "max_diff": float((summed - full).abs().max()),
+        "old_diff": float((on_policy - full).abs().max()),
+        "scale": float(full.abs().max()),
+        "updates": len(updates),
+        "scheduler_steps": trainer.scheduler.num_steps - scheduler_before,
+        "loss": metrics["loss"],
+        "skipped": metrics["skipped"],
+    }
+
+
+def test_mini_batches_split_the_step_into_several_exact_updates(tiny_run):
+    root, overrides = tiny_run
+    run = [*overrides, "training.num_mini_batches=2", "training.num_epochs=2"]
+    for layout in (_layout(2, 1), [*_layout(1, 2), "loss.id_set=union"]):
+        for out in run_distributed(_mini_batches, 2, [*run, *layout], timeout_s=300):
+            rows, batch_size = out["rows"]
+            assert rows == list(range(batch_size)), out  # every sample once
+            tolerance = 1e-5 * max(1.0, out["scale"])
+            assert out["scale"] > 0 and out["max_diff"] < tolerance, out
+            assert out["old_diff"] < 1e-4 * max(1.0, out["scale"]), out
+            assert out["updates"] == 4 and out["scheduler_steps"] == 1, out
+            assert out["skipped"] == 0.0 and out["loss"] == out["loss"], out
+
+
 def test_stop_and_resume_equals_an_uninterrupted_run(tiny_run, tmp_path):
     root, overrides = tiny_run
     base = [*overrides, *_layout(2, 1), "training.num_steps=4"]
@@ -142,6 +213,7 @@ def test_user_errors_are_reported_before_training(tiny_run, tmp_path):
         "broken": [*overrides, f"data.train_path={broken}"],
         "long_prompt": [*overrides, "data.max_prompt_length=4"],
         "context": [*overrides, "rollout.max_new_tokens=100000", "budget.max_len=100000"],
+        "mini_batches": [*overrides, "training.num_mini_batches=3"],
     }
     messages = {name: run_distributed(_expect_error, 2, case)[0] for name, case in cases.items()}
     assert "vocab" in messages["vocab"].lower() and "teacher" in messages["vocab"].lower()
@@ -149,6 +221,7 @@ def test_user_errors_are_reported_before_training(tiny_run, tmp_path):
     assert f"{broken}:2" in messages["broken"]
     assert "data.max_prompt_length" in messages["long_prompt"]
     assert "max_position_embeddings" in messages["context"]
+    assert "training.num_mini_batches" in messages["mini_batches"]
 
 
 def _engine_responses(overrides, problems):

@@ -12,7 +12,18 @@ class TrainingConfig:
     """The optimisation loop."""
 
     num_steps: int = 10
-    """Training steps (one rollout + one optimizer update each)."""
+    """Training steps (one rollout each, then ``num_mini_batches * num_epochs`` optimizer
+    updates on it; the LR schedule counts training steps)."""
+
+    num_mini_batches: int = 1
+    """Optimizer updates per pass over a step's rollouts: each data-parallel rank splits
+    its samples into this many equal mini-batches (verl's ``train_batch_size /
+    ppo_mini_batch_size``). Later mini-batches are slightly off-policy; the PPO ratio and
+    clip of the policy-gradient losses account for that. The samples per rank
+    (``data.prompts_per_step / DP * rollout.n_samples_per_prompt``) must divide by it."""
+
+    num_epochs: int = 1
+    """Passes over a step's mini-batches (verl's ``ppo_epochs``)."""
 
     lr: float = 1e-6
     """Peak learning rate (the paper uses 1e-6 on 1.5B-4B students)."""
@@ -70,6 +81,9 @@ class TrainingConfig:
             )
         if self.max_consecutive_bad_steps < 1:
             raise ValueError("training.max_consecutive_bad_steps must be >= 1")
+        for name in ("num_mini_batches", "num_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"training.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(kw_only=True)

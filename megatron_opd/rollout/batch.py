@@ -67,6 +67,11 @@ class RolloutBatch:
     teacher_log_probs_at_student_ids: torch.Tensor | None = None
     """``[b, s, k]`` float32: the teacher's log-probs at ``student_topk_ids``."""
 
+    student_log_probs_at_teacher_ids: torch.Tensor | None = None
+    """``[b, s, k]`` float32: the scoring pass's student log-probs at ``teacher_topk_ids``
+    (the PPO "old" log-probs of the teacher-side id sets when a step makes several
+    updates)."""
+
     teacher_sampled_log_probs: torch.Tensor | None = None
     """``[b, s]`` float32: the teacher's log-prob of the sampled token ``tokens[:, t]``."""
 

@@ -5,10 +5,13 @@
 ``[r, P, V/TP]``, gathers the student's log-probs at exactly the ids the loss needs
 (vocabulary-parallel, with grad), and calls :func:`megatron_opd.losses.opd_loss`.
 
-With one optimizer step per rollout the behaviour policy *is* the current policy, so the
-PPO "old" log-probs are the detached current ones (the ratio is 1 in value; its gradient
-is the policy gradient). This also keeps the ratio free of any numerical difference
-between the rollout and training forwards (bf16 kernels, KV cache).
+PPO "old" log-probs. With one optimizer update per rollout the behaviour policy *is* the
+current policy, so they are the detached current ones (the ratio is 1 in value; its
+gradient is the policy gradient), which keeps the ratio free of any numerical difference
+between forwards. With several updates per rollout (``training.num_mini_batches`` or
+``num_epochs`` > 1) the later updates are off-policy: the old log-probs are then the
+scoring pass's student log-probs (same model and kernels as training, before this step's
+first update), and the PPO ratio and clip bound how far each update moves.
 
 The loss is summed over tokens and the returned ``num_tokens`` is the micro-batch's share
 of the *untrimmed* valid-token count, so with ``calculate_per_token_loss`` Megatron divides
@@ -30,16 +33,34 @@ _TOPK_SET_KINDS = ("topk_reverse_kl_pg", "topk_reverse_kl")
 _TEACHER_TOPK_KINDS = ("forward_topk_kl", "gkd_jsd")
 
 
-def loss_tensor_names(loss_config: LossConfig) -> tuple[str, ...]:
-    """RolloutBatch fields the loss of ``loss_config.kind`` reads (beyond masks/weights)."""
+def loss_tensor_names(loss_config: LossConfig, *, rollout_old: bool = False) -> tuple[str, ...]:
+    """RolloutBatch fields the loss of ``loss_config.kind`` reads (beyond masks/weights);
+    ``rollout_old``: the PPO old log-probs come from scoring (several updates per step)."""
     if loss_config.kind in _TOPK_SET_KINDS:
         names = ["student_topk_ids", "teacher_topk_ids", "teacher_log_probs_at_student_ids"]
         if loss_config.id_set in ("only_tch", "union"):
             names.append("teacher_topk_log_probs")
+        if rollout_old and loss_config.kind == "topk_reverse_kl_pg":
+            names.append("student_topk_log_probs")
+            if loss_config.id_set in ("only_tch", "union"):
+                names.append("student_log_probs_at_teacher_ids")
         return tuple(names)
     if loss_config.kind in _TEACHER_TOPK_KINDS:
         return ("teacher_topk_ids", "teacher_topk_log_probs")
+    if rollout_old:
+        return ("teacher_sampled_log_probs", "student_sampled_log_probs")
     return ("teacher_sampled_log_probs",)
+
+
+def _rollout_old_log_probs(loss_config: LossConfig, inputs: dict[str, torch.Tensor]):
+    """Scoring-time student log-probs at the id set, in :func:`build_id_set`'s layout."""
+    if loss_config.id_set in ("only_stu", "intersection"):
+        return inputs["student_topk_log_probs"]
+    if loss_config.id_set == "only_tch":
+        return inputs["student_log_probs_at_teacher_ids"]
+    return torch.cat(
+        [inputs["student_topk_log_probs"], inputs["student_log_probs_at_teacher_ids"]], dim=-1
+    )
 
 
 def _ids_and_teacher_log_probs(loss_config: LossConfig, inputs: dict[str, torch.Tensor]):
@@ -66,8 +87,11 @@ def compute_micro_batch_loss(
     loss_config: LossConfig,
     tp_group,
     vocab_size: int,
+    rollout_old: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """``(loss_sum, num_tokens, report)`` of one micro-batch from its sharded logits."""
+    """``(loss_sum, num_tokens, report)`` of one micro-batch from its sharded logits;
+    ``rollout_old``: PPO old log-probs from scoring instead of the detached current ones
+    (module essay)."""
     inputs = micro_batch.loss_inputs
     valid = inputs["valid_mask"].bool()
     loss_weights = inputs["loss_weights"].to(torch.float32)
@@ -76,7 +100,9 @@ def compute_micro_batch_loss(
         student = vocab_parallel_log_probs(logits, ids, tp_group, vocab_size=vocab_size)[..., 0]
         tensors = {
             "student_log_probs": student,
-            "old_student_log_probs": student.detach(),
+            "old_student_log_probs": inputs["student_sampled_log_probs"].to(torch.float32)
+            if rollout_old
+            else student.detach(),
             "teacher_log_probs": inputs["teacher_sampled_log_probs"].to(torch.float32),
         }
     else:
@@ -84,7 +110,11 @@ def compute_micro_batch_loss(
         student = vocab_parallel_log_probs(logits, ids, tp_group, vocab_size=vocab_size)
         tensors = {"student_log_probs": student, "teacher_log_probs": teacher.to(torch.float32)}
         if loss_config.kind == "topk_reverse_kl_pg":
-            tensors["old_student_log_probs"] = student.detach()
+            tensors["old_student_log_probs"] = (
+                _rollout_old_log_probs(loss_config, inputs).to(torch.float32)
+                if rollout_old
+                else student.detach()
+            )
         if id_mask is not None:
             tensors["id_mask"] = id_mask
     loss_sum, _, metrics = opd_loss(
@@ -105,8 +135,10 @@ def make_forward_step(
     vocab_size: int,
     is_last_stage: bool,
     device: torch.device,
+    rollout_old: bool = False,
 ) -> Callable:
-    """The ``forward_step_func`` for ``get_forward_backward_func()``."""
+    """The ``forward_step_func`` for ``get_forward_backward_func()`` (``rollout_old``: see
+    :func:`compute_micro_batch_loss`)."""
 
     def forward_step(data_iterator: Iterator[TrainMicroBatch], model):
         micro_batch = next(data_iterator).to(device)
@@ -120,6 +152,7 @@ def make_forward_step(
                 loss_config=loss_config,
                 tp_group=tp_group,
                 vocab_size=vocab_size,
+                rollout_old=rollout_old,
             )
 
         return output, loss_func

@@ -165,6 +165,16 @@ def build_components(config: OPDConfig, groups: ParallelGroups) -> RunComponents
             f"data.prompts_per_step ({config.data.prompts_per_step}) must be divisible by the "
             f"data-parallel size {groups.dp_size}"
         )
+    samples_per_rank = (
+        config.data.prompts_per_step // groups.dp_size * config.rollout.n_samples_per_prompt
+    )
+    if samples_per_rank % config.training.num_mini_batches:
+        raise ValueError(
+            f"training.num_mini_batches ({config.training.num_mini_batches}) must divide the "
+            f"samples per data-parallel rank, data.prompts_per_step / DP * "
+            f"rollout.n_samples_per_prompt = {config.data.prompts_per_step} / {groups.dp_size} "
+            f"* {config.rollout.n_samples_per_prompt} = {samples_per_rank}"
+        )
     prompts = load_prompt_dataset(
         config.data.train_path,
         tokenizer,

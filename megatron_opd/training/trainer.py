@@ -1,6 +1,6 @@
 """The Prune-OPD trainer: rollout -> score -> prune -> trimmed training -> metrics.
 
-One :meth:`Trainer.train_step` is one optimizer update:
+One :meth:`Trainer.train_step` is one rollout and its optimizer updates:
 
 1. this data-parallel rank takes its prompts of the step;
 2. the student samples ``n`` responses per prompt, at most ``budget.current`` new tokens
@@ -9,8 +9,11 @@ One :meth:`Trainer.train_step` is one optimizer update:
    vocabulary-parallel); drift events give reliability weights and loss weights;
 4. effective lengths of the whole global batch update the ResponseBudget (identically
    on every rank);
-5. the trimming plan is made on the last stage and broadcast to every stage; Megatron's
-   schedule runs forward/backward over the trimmed micro-batches;
+5. the samples are split into ``training.num_mini_batches`` mini-batches; for each, the
+   trimming plan is made on the last stage and broadcast to every stage, Megatron's
+   schedule runs forward/backward over its trimmed micro-batches, and the optimizer steps
+   (``training.num_epochs`` passes); the LR scheduler steps once and the rollout engine
+   gets the new weights;
 6. a step whose loss or gradients are not finite is skipped (logged); after
    ``max_consecutive_bad_steps`` in a row the run stops, keeping the last good checkpoint.
 
@@ -71,12 +74,14 @@ class Trainer:
         self.step = 0
         self.consecutive_bad_steps = 0
         self.history: list[dict[str, float]] = []
+        self.updates_per_step = config.training.num_mini_batches * config.training.num_epochs
         self._forward_step = make_forward_step(
             loss_config=config.loss,
             tp_group=groups.tp_group,
             vocab_size=components.vocab_size,
             is_last_stage=groups.is_last_stage,
             device=groups.platform.device,
+            rollout_old=self.updates_per_step > 1,
         )
 
     # ------------------------------------------------------------------ state
@@ -152,8 +157,9 @@ class Trainer:
                     f"({self.consecutive_bad_steps} in a row)"
                 )
                 if self.consecutive_bad_steps >= cfg.training.max_consecutive_bad_steps:
-                    # Skipped steps never touched the weights or the optimizer: this saves
-                    # the last good state (with the data position past the bad batches).
+                    # A skipped update never touched the weights or the optimizer: this saves
+                    # the last good state (with the data position past the bad batches; with
+                    # several mini-batches, the updates made before the bad one are kept).
                     self.save()
                     raise TrainingStopped(
                         f"{self.consecutive_bad_steps} steps in a row had a non-finite loss or "
@@ -193,27 +199,45 @@ class Trainer:
         }
 
     def train_step(self) -> dict[str, float]:
-        """One rollout and one optimizer update; returns this step's metrics."""
+        """One rollout, then ``num_mini_batches * num_epochs`` optimizer updates on it;
+        returns this step's metrics."""
         cfg = self.config
         timers: dict[str, float] = {}
         response_budget = self.response_budget()
         batch = self.rollout_and_score(timers)
         with _timed(timers, "prune"):
-            plan = self.prune_and_plan(batch)
+            self.prune(batch)
             global_effective = self._global_effective_lengths(batch)
             if cfg.budget.enable:
                 self.budget.update(global_effective)
+            mini_batches = [
+                (rows, sub, self.plan(sub))
+                for rows, sub in self.split_mini_batches(batch, cfg.training.num_mini_batches)
+            ]
+        loss_sum = num_tokens = 0.0
+        skipped, grad_norms = False, []
+        updates = [mb for _ in range(cfg.training.num_epochs) for mb in mini_batches]
         with _timed(timers, "train"):
-            loss_sum, num_tokens = self.forward_backward(batch, plan)
-            skipped, grad_norm = self.apply_update(loss_sum, num_tokens)
-        metrics = self._metrics(batch, plan, loss_sum, num_tokens, global_effective)
+            for _, sub, plan in updates:
+                mb_loss, mb_tokens = self.forward_backward(sub, plan)
+                skipped, grad_norm = self.apply_update(mb_loss, mb_tokens)
+                loss_sum, num_tokens = loss_sum + mb_loss, num_tokens + mb_tokens
+                grad_norms.append(grad_norm)
+                if skipped:  # the rest of the step's updates are dropped with it
+                    break
+            if not skipped:
+                self.scheduler.step(increment=1)
+            # One weight push per step, however many updates it made (skipped updates
+            # left the weights alone, the others changed them).
+            self.c.engine.sync_weights()
+        metrics = self._metrics(batch, mini_batches, loss_sum, num_tokens, global_effective)
         metrics.update(
             {f"time_{name}_s": value for name, value in timers.items()},
             time_step_s=sum(timers.values()),
             budget=float(response_budget),
             next_budget=float(self.budget.current),
             skipped=float(skipped),
-            grad_norm=float(grad_norm),
+            grad_norm=sum(grad_norms) / len(grad_norms) if not skipped else float("nan"),
             lr=float(self.optimizer.param_groups[0]["lr"]),
         )
         return metrics
@@ -255,34 +279,52 @@ class Trainer:
         return batch
 
     # ------------------------------------------------------------------ pieces
-    def prune_and_plan(self, batch: RolloutBatch) -> TrimPlan:
-        """Drift events, weights and the trimming plan (made on the last stage, returned on
-        every stage)."""
+    def prune(self, batch: RolloutBatch) -> None:
+        """Drift events, reliability weights, loss weights and effective lengths of
+        ``batch`` (last stage; other stages hold no scores)."""
+        cfg = self.config
+        if not self.groups.is_last_stage:
+            return
+        valid = batch.response_mask().to(batch.overlap_ratio.device)
+        bad, _ = drift_events(
+            metric=cfg.prune.metric,
+            threshold=cfg.prune.threshold,
+            valid_mask=valid,
+            student_topk_ids=batch.student_topk_ids,
+            teacher_topk_ids=batch.teacher_topk_ids,
+            sampled_ids=batch.tokens.to(valid.device),
+            teacher_topk_log_probs=batch.teacher_topk_log_probs,
+        )
+        if cfg.prune.enable:
+            result = reliability_weights(
+                bad, valid, w_drop=cfg.prune.w_drop, w_base=cfg.prune.w_base
+            )
+            batch.weights = result.weights
+            batch.loss_weights = result.loss_weights
+            batch.effective_lengths = result.effective_length
+        else:
+            batch.weights = valid.float()
+            batch.loss_weights = valid.float()
+            batch.effective_lengths = valid.sum(dim=1)
+        batch.extras["bad_events"] = bad
+
+    @staticmethod
+    def split_mini_batches(
+        batch: RolloutBatch, num_mini_batches: int
+    ) -> list[tuple[torch.Tensor, RolloutBatch]]:
+        """``(rows, sub_batch)`` of each of ``num_mini_batches`` contiguous, equal slices
+        of ``batch`` (the same on every stage: it depends only on the batch size)."""
+        if num_mini_batches == 1:
+            return [(torch.arange(batch.batch_size), batch)]
+        pieces = torch.arange(batch.batch_size).tensor_split(num_mini_batches)
+        return [(rows, batch.select(rows)) for rows in pieces]
+
+    def plan(self, batch: RolloutBatch) -> TrimPlan:
+        """The trimming plan of ``batch`` (made on the last stage from its loss weights,
+        returned on every stage)."""
         cfg, groups = self.config, self.groups
         encoded = None
         if groups.is_last_stage:
-            valid = batch.response_mask().to(batch.overlap_ratio.device)
-            bad, _ = drift_events(
-                metric=cfg.prune.metric,
-                threshold=cfg.prune.threshold,
-                valid_mask=valid,
-                student_topk_ids=batch.student_topk_ids,
-                teacher_topk_ids=batch.teacher_topk_ids,
-                sampled_ids=batch.tokens.to(valid.device),
-                teacher_topk_log_probs=batch.teacher_topk_log_probs,
-            )
-            if cfg.prune.enable:
-                result = reliability_weights(
-                    bad, valid, w_drop=cfg.prune.w_drop, w_base=cfg.prune.w_base
-                )
-                batch.weights = result.weights
-                batch.loss_weights = result.loss_weights
-                batch.effective_lengths = result.effective_length
-            else:
-                batch.weights = valid.float()
-                batch.loss_weights = valid.float()
-                batch.effective_lengths = valid.sum(dim=1)
-            batch.extras["bad_events"] = bad
             plan = plan_trimming(
                 batch.loss_weights,
                 max_tokens=cfg.training.micro_batch_tokens,
@@ -293,6 +335,11 @@ class Trainer:
             encoded = plan.to_tensor()
         encoded = broadcast_from_last_stage(encoded, groups)
         return TrimPlan.from_tensor(encoded.cpu())
+
+    def prune_and_plan(self, batch: RolloutBatch) -> TrimPlan:
+        """:meth:`prune` then :meth:`plan` of the whole batch."""
+        self.prune(batch)
+        return self.plan(batch)
 
     def _global_effective_lengths(self, batch: RolloutBatch) -> torch.Tensor:
         groups = self.groups
@@ -310,7 +357,9 @@ class Trainer:
             batch,
             plan,
             is_last_stage=groups.is_last_stage,
-            loss_tensor_names=loss_tensor_names(self.config.loss),
+            loss_tensor_names=loss_tensor_names(
+                self.config.loss, rollout_old=self.updates_per_step > 1
+            ),
         )
         for chunk in self.student:
             chunk.train()
@@ -350,11 +399,11 @@ class Trainer:
                 chunk.zero_grad_buffer()
             return True, float("nan")
         _, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=1)
-        self.c.engine.sync_weights()
         return False, float(grad_norm or 0.0)
 
-    def _metrics(self, batch, plan, loss_sum, num_tokens, global_effective) -> dict[str, float]:
+    def _metrics(
+        self, batch, mini_batches, loss_sum, num_tokens, global_effective
+    ) -> dict[str, float]:
         groups = self.groups
         metrics = {"loss": loss_sum / max(num_tokens, 1.0)}
         values = torch.zeros(10, dtype=torch.float64, device=groups.platform.device)
@@ -365,12 +414,18 @@ class Trainer:
             values[1] = batch.extras["bad_events"].sum()
             values[2] = (batch.weights * valid).sum()
             values[3] = num_valid
-            response_start = batch.prompt_lengths.to(plan.kept_lengths.device)
-            kept_response = (plan.kept_lengths - response_start).clamp(min=0)
+            kept_lengths = torch.zeros(batch.batch_size, dtype=torch.int64)
+            for rows, _, plan in mini_batches:
+                kept_lengths[rows] = plan.kept_lengths.to(torch.int64)
+            response_start = batch.prompt_lengths.cpu()
+            kept_response = (kept_lengths - response_start).clamp(min=0)
             kept_response = torch.minimum(kept_response, batch.response_lengths.cpu())
             values[4] = kept_response.sum()
             values[5] = batch.response_lengths.sum()
-            values[6] = plan.num_kept_tokens
+            # Tokens through the training forward/backward, every epoch counted.
+            values[6] = self.config.training.num_epochs * sum(
+                plan.num_kept_tokens for _, _, plan in mini_batches
+            )
             values[7] = batch.total_lengths().sum()
             # k1 estimate of KL(student || teacher) on the student's own samples.
             log_ratio = batch.student_sampled_log_probs - batch.teacher_sampled_log_probs
