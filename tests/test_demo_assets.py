@@ -129,3 +129,22 @@ def test_weak_teacher_warns():
         _warn_if_weak({"accuracy": 0.5, "steps": 10}, {"accuracy": 0.1}, settings)
     with pytest.warns(RuntimeWarning, match="not worse than the teacher"):
         _warn_if_weak({"accuracy": 0.95, "steps": 10}, {"accuracy": 0.95}, settings)
+
+
+def test_tiny_cpu_recipe_paths_are_where_the_demo_writes(tiny_assets):
+    from pathlib import Path
+
+    from megatron_opd.config.loader import load_config
+    from megatron_opd.config.opd import OPDConfig
+
+    out, assets = tiny_assets
+    recipe = load_config(OPDConfig, Path(__file__).resolve().parents[1] / "examples/tiny_cpu.yaml")
+    # `megatron-opd demo` builds its assets in demo_out/assets (demo/run.py).
+    for configured, built in (
+        (recipe.student.path, assets.student_dir),
+        (recipe.teacher.path, assets.teacher_dir),
+        (recipe.data.train_path, assets.train_prompts),
+        (recipe.eval.datasets[0], assets.eval_prompts),
+    ):
+        assert Path(configured).relative_to("demo_out/assets") == built.relative_to(out)
+        assert built.exists()

@@ -176,3 +176,31 @@ def test_recipe_accepts_overrides_on_top():
     # Untouched fields keep the recipe's values.
     assert c.budget.init_len == 1024 and c.student.dtype == "bfloat16"
     assert dataclasses.is_dataclass(c.eval)
+
+
+def test_tiny_cpu_recipe_is_the_demo_run():
+    """The recipe a user runs after the demo trains exactly like the demo's Prune-OPD run."""
+    from types import SimpleNamespace
+
+    from megatron_opd.config.loader import build_config
+    from megatron_opd.demo.run import _DEMO_STEPS, demo_config
+
+    root = Path("demo_out/assets")
+    assets = SimpleNamespace(
+        student_dir=root / "student", teacher_dir=root / "teacher",
+        train_prompts=root / "prompts/train_prompts.jsonl",
+        eval_prompts=root / "prompts/eval_prompts.jsonl",
+    )  # fmt: skip
+    demo = flatten(config_to_dict(build_config(OPDConfig, demo_config(
+        assets, Path("demo_out"), steps=_DEMO_STEPS, pruned=True))))  # fmt: skip
+    recipe = flatten(config_to_dict(load("tiny_cpu.yaml")))
+    run_dirs = {"checkpoint.", "logging.", "eval.interval"}
+    differing = {
+        key for key in demo
+        if demo[key] != recipe[key] and not key.startswith(tuple(run_dirs))
+    }  # fmt: skip
+    # The recipe names the prompt column the demo leaves to auto-detection and uses the
+    # distributed optimizer (identical numerics at DP=1); nothing else may differ.
+    assert differing <= {"parallel.use_distributed_optimizer", "data.prompt_key"}, {
+        k: (demo[k], recipe[k]) for k in differing
+    }

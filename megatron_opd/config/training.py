@@ -17,7 +17,7 @@ class TrainingConfig:
 
     num_mini_batches: int = 1
     """Optimizer updates per pass over a step's rollouts: each data-parallel rank splits
-    its samples into this many equal mini-batches (verl's ``train_batch_size /
+    its samples into this many equal, interleaved mini-batches (verl's ``train_batch_size /
     ppo_mini_batch_size``). Later mini-batches are slightly off-policy; the PPO ratio and
     clip of the policy-gradient losses account for that. The samples per rank
     (``data.prompts_per_step / DP * rollout.n_samples_per_prompt``) must divide by it."""

@@ -312,11 +312,14 @@ class Trainer:
     def split_mini_batches(
         batch: RolloutBatch, num_mini_batches: int
     ) -> list[tuple[torch.Tensor, RolloutBatch]]:
-        """``(rows, sub_batch)`` of each of ``num_mini_batches`` contiguous, equal slices
-        of ``batch`` (the same on every stage: it depends only on the batch size)."""
+        """``(rows, sub_batch)`` of each of ``num_mini_batches`` interleaved, equal slices
+        of ``batch``: mini-batch ``j`` takes rows ``j, j + m, j + 2m, ...``, so the ``n``
+        samples of one prompt (adjacent rows) land in different mini-batches. The same on
+        every stage: it depends only on the batch size."""
         if num_mini_batches == 1:
             return [(torch.arange(batch.batch_size), batch)]
-        pieces = torch.arange(batch.batch_size).tensor_split(num_mini_batches)
+        every = torch.arange(batch.batch_size)
+        pieces = [every[j::num_mini_batches] for j in range(num_mini_batches)]
         return [(rows, batch.select(rows)) for rows in pieces]
 
     def plan(self, batch: RolloutBatch) -> TrimPlan:
