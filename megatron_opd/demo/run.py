@@ -139,7 +139,7 @@ def _plot(pruned: dict, plain: dict, path: Path) -> None:
               ("plain OPD", plain["history"], "tab:gray"))  # fmt: skip
     panels = (
         (axes[0, 0], "reverse_kl_topk", "reverse KL to teacher (student top-K)"),
-        (axes[0, 1], "overlap_ratio_mean", "top-K overlap ratio"),
+        (axes[0, 1], "bad_event_rate", "drift events per response token"),
         (axes[1, 0], "tokens_generated", "tokens generated per step"),
     )
     for ax, key, title in panels:
