@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.utils._device
 
 _CPU_COMPAT_APPLIED = False
 
@@ -127,6 +128,15 @@ def _route_cuda_device_to_cpu() -> None:
 
         return wrapped
 
+    # ``with torch.device("meta"):`` (transformers builds every model under it) injects the
+    # device only for functions in a set that torch builds, and caches, on first use from
+    # the torch.* attributes of that moment. Built after the wrappers below, it would hold
+    # the wrappers while the mode sees the original functions they call, so the context
+    # would silently stop working: transformers then materialised its non-persistent
+    # buffers (RoPE inv_freq) from torch.empty_like, i.e. garbage. Build it first.
+    device_constructors = getattr(torch.utils._device, "_device_constructors", None)
+    if device_constructors is not None:
+        device_constructors()
     for name in (
         "zeros", "ones", "empty", "full", "tensor", "arange", "zeros_like", "ones_like",
         "empty_like", "full_like", "randn", "rand", "randint", "as_tensor", "linspace",

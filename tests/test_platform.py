@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 
 def _run(code: str) -> dict:
     out = subprocess.run(
@@ -60,3 +62,36 @@ def test_cli_help_and_unknown_command():
         capture_output=True, text=True,
     )  # fmt: skip
     assert convert.returncode == 0 and "--" in convert.stdout
+
+
+def test_patches_keep_device_contexts_and_transformers_loading_intact(tmp_path):
+    """``with torch.device("meta")`` still applies after the patches, so a transformers model
+    loaded after them (meta init, then materialised) equals one loaded in a clean process."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=16, max_position_embeddings=64)  # fmt: skip
+    Qwen3ForCausalLM(config).save_pretrained(tmp_path)
+    ids = [[5, 9, 3, 17, 2, 40, 11]]
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = reference(torch.tensor(ids)).logits[0, -1, :5].tolist()
+    result = _run(
+        f"""
+        import json, torch
+        from megatron_opd import platform
+        platform.apply_cpu_compat()
+        with torch.device("meta"):
+            inside = [torch.empty(2).device.type, torch.arange(3).device.type]
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, dtype=torch.float32)
+        with torch.no_grad():
+            logits = model.eval()(torch.tensor({ids})).logits[0, -1, :5].tolist()
+        print(json.dumps({{"inside": inside, "logits": logits}}))
+        """
+    )
+    assert result["inside"] == ["meta", "meta"]
+    assert result["logits"] == [pytest.approx(v, abs=1e-5) for v in expected]
