@@ -284,8 +284,8 @@ def test_describe_config_lists_every_field_with_its_documentation():
     assert sorted(described) == sorted(expected)
     undocumented = [name for name, (_, doc) in described.items() if not doc.strip()]
     assert undocumented == []
-    assert described["prune.threshold"][0] == "0.7"
-    assert described["student.path"][0] == "'demo_out/student'"
+    assert described["prune.threshold"][0] == "0.9"
+    assert described["student.path"][0] == "'demo_out/assets/student'"
     sections = [line for line in lines if line.startswith("[")]
     assert sections[0].startswith("[student]  # ") and len(sections[0]) > len("[student]  # ")
 
@@ -308,10 +308,10 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_config_prints_every_field():
-    result = _cli("config", "--config", "examples/tiny_cpu.yaml", "prune.top_k=4")
+    result = _cli("config", "--config", "examples/tiny_cpu.yaml", "prune.top_k=6")
     assert result.returncode == 0, result.stderr
-    assert "prune.threshold = 0.7" in result.stdout
-    assert "prune.top_k = 4" in result.stdout
+    assert "prune.threshold = 0.9" in result.stdout
+    assert "prune.top_k = 6" in result.stdout
     assert "budget.init_len = 64" in result.stdout
 
 
