@@ -154,7 +154,8 @@ def _mini_batches(overrides):
 def test_mini_batches_split_the_step_into_several_exact_updates(tiny_run):
     root, overrides = tiny_run
     run = [*overrides, "training.num_mini_batches=2", "training.num_epochs=2"]
-    for layout in (_layout(2, 1), [*_layout(1, 2), "loss.id_set=union"]):
+    layouts = (_layout(2, 1), [*_layout(1, 2), "loss.id_set=union"], _layout(1, 1))  # DP=2
+    for layout in layouts:
         for out in run_distributed(_mini_batches, 2, [*run, *layout], timeout_s=300):
             rows, batch_size = out["rows"]
             assert rows == list(range(batch_size)), out  # every sample once
