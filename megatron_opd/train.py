@@ -13,7 +13,6 @@ def run_training(
 
     ``destroy_process_group=False`` keeps the default group alive (in-process tests).
     """
-    from megatron_opd.checkpoint import unwrap_model
     from megatron_opd.training.setup import build_components
     from megatron_opd.training.trainer import Trainer
 
@@ -24,16 +23,7 @@ def run_training(
         trainer = Trainer(config, groups, components)
         trainer.maybe_resume()
         history = trainer.train()
-        if config.checkpoint.export_hf_dir:
-            from megatron_opd.conversion import export_hf_from_model
-
-            export_hf_from_model(
-                [unwrap_model(chunk) for chunk in components.student_chunks],
-                config.checkpoint.export_hf_dir,
-                components.student_info,
-                groups,
-                tokenizer_dir=components.student_info.hf_dir or None,
-            )
+        trainer.export_hf()
         return history
     finally:
         if components is not None:

@@ -4,8 +4,8 @@
         -m megatron_opd.demo.distill --config run.yaml --report report.json [--eval-before]
 
 Builds the run, optionally evaluates the teacher and the untrained student, trains,
-evaluates the student again, and (rank 0) writes a JSON report: per-step history,
-evaluation summaries and wall time per phase.
+evaluates the student again, exports it (``checkpoint.export_hf_dir``) and (rank 0) writes
+a JSON report: per-step history, evaluation summaries and wall time per phase.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         t = time.perf_counter()
         evals["student_after"] = evaluate(trainer.student[0].module)
         times["eval_after_s"] = time.perf_counter() - t
+        trainer.export_hf()
         components.log.close()
         if groups.rank == 0:
             report = {"history": history, "evals": evals, "times": times}

@@ -140,6 +140,24 @@ class Trainer:
             keep_last=ckpt.keep_last,
         )
 
+    def export_hf(self) -> None:
+        """Write the student as an HF checkpoint to ``checkpoint.export_hf_dir`` (all ranks;
+        a no-op when it is unset)."""
+        target = self.config.checkpoint.export_hf_dir
+        if not target:
+            return
+        from megatron_opd.checkpoint import unwrap_model
+        from megatron_opd.conversion import export_hf_from_model
+
+        info = self.c.student_info
+        export_hf_from_model(
+            [unwrap_model(chunk) for chunk in self.c.student_chunks],
+            target,
+            info,
+            self.groups,
+            tokenizer_dir=info.hf_dir or None,
+        )
+
     # ------------------------------------------------------------------ loop
     def train(self) -> list[dict[str, float]]:
         """Run until ``training.num_steps``; returns the per-step metrics."""
