@@ -65,10 +65,16 @@ def main(argv: list[str] | None = None) -> None:
         t = time.perf_counter()
         evals["student_after"] = evaluate(trainer.student[0].module)
         times["eval_after_s"] = time.perf_counter() - t
+        during = [
+            {"step": e["step"], "pass@1": e[key]}
+            for e in trainer.eval_history
+            for key in e
+            if key.endswith("/pass@1")
+        ]
         trainer.export_hf()
         components.log.close()
         if groups.rank == 0:
-            report = {"history": history, "evals": evals, "times": times}
+            report = {"history": history, "evals": evals, "evals_during": during, "times": times}
             Path(args.report).write_text(json.dumps(report, indent=1))
     finally:
         destroy_distributed()

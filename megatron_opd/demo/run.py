@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -85,6 +86,7 @@ def demo_config(assets, out: Path, *, steps: int, pruned: bool) -> dict:
             "temperature": 0.0,
             "max_new_tokens": 128,
             "max_problems": 200,
+            "interval": 10,  # the accuracy curve (plus before and after)
         },  # fmt: skip
     }
     if not pruned:
@@ -134,13 +136,12 @@ def _plot(pruned: dict, plain: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    fig, axes = plt.subplots(2, 3, figsize=(16, 7.5))
     series = (("Prune-OPD", pruned["history"], "tab:blue"),
               ("plain OPD", plain["history"], "tab:gray"))  # fmt: skip
     panels = (
         (axes[0, 0], "reverse_kl_topk", "reverse KL to teacher (student top-K)"),
         (axes[0, 1], "bad_event_rate", "drift events per response token"),
-        (axes[1, 0], "tokens_generated", "tokens generated per step"),
     )
     for ax, key, title in panels:
         for label, history, color in series:
@@ -149,6 +150,30 @@ def _plot(pruned: dict, plain: dict, path: Path) -> None:
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend()
+    cumulative = (
+        (axes[1, 0], "tokens_generated", "tokens generated, cumulative"),
+        (axes[1, 2], "time_step_s", "step time (rollout + score + train), cumulative s"),
+    )
+    for ax, key, title in cumulative:
+        for label, history, color in series:
+            totals = list(itertools.accumulate(h[key] for h in history))
+            ax.plot([h["step"] for h in history], totals, label=label, color=color)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend()
+    ax = axes[0, 2]
+    before = pruned["evals"]["student_before"]["pass@1"]
+    for label, report, color in (("Prune-OPD", pruned, "tab:blue"),
+                                 ("plain OPD", plain, "tab:gray")):  # fmt: skip
+        points = [(0, before)]
+        points += [(e["step"], e["pass@1"]) for e in report.get("evals_during", [])]
+        points.append((report["history"][-1]["step"], report["evals"]["student_after"]["pass@1"]))
+        ax.plot(*zip(*points), marker="o", label=label, color=color)
+    ax.axhline(pruned["evals"]["teacher"]["pass@1"], color="tab:green", ls="--", label="teacher")
+    ax.set_title("student held-out accuracy (greedy)")
+    ax.set_xlabel("step")
+    ax.set_ylim(0, 1)
+    ax.legend()
     steps = [h["step"] for h in pruned["history"]]
     ax = axes[1, 1]
     ax.plot(steps, [h["budget"] for h in pruned["history"]], label="response budget")

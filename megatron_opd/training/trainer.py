@@ -74,6 +74,8 @@ class Trainer:
         self.step = 0
         self.consecutive_bad_steps = 0
         self.history: list[dict[str, float]] = []
+        self.eval_history: list[dict[str, float]] = []
+        """``eval.interval`` evaluations of this process's run: ``{"step", "eval/<set>/..."}``."""
         self.updates_per_step = config.training.num_mini_batches * config.training.num_epochs
         self._forward_step = make_forward_step(
             loss_config=config.loss,
@@ -187,7 +189,9 @@ class Trainer:
                 continue
             self.consecutive_bad_steps = 0
             if cfg.eval.interval and cfg.eval.datasets and self.step % cfg.eval.interval == 0:
-                self.c.log.log_extra(self.step, self.evaluate())
+                scores = self.evaluate()
+                self.eval_history.append({"step": self.step, **scores})
+                self.c.log.log_extra(self.step, scores)
             interval = cfg.checkpoint.save_interval
             if interval and self.step % interval == 0:
                 self.save()
