@@ -148,3 +148,24 @@ def test_tiny_cpu_recipe_paths_are_where_the_demo_writes(tiny_assets):
     ):
         assert Path(configured).relative_to("demo_out/assets") == built.relative_to(out)
         assert built.exists()
+
+
+def test_step_counted_sft_gives_the_same_models_on_every_build(tmp_path):
+    """Counting optimizer steps (the full demo's default) makes the build reproducible:
+    two builds from the same seed write bit-identical models, evaluated at the same steps."""
+    steps = dict(
+        teacher_max_steps=24, teacher_eval_every_steps=8, teacher_min_eval_steps=8,
+        student_max_steps=12, student_eval_every_steps=6, student_min_eval_steps=6,
+        teacher_target_accuracy=1.0, student_min_accuracy=1.0,  # not reached: run them all
+        teacher_max_seconds=600.0, student_max_seconds=600.0,
+    )  # fmt: skip
+    builds = [
+        make_demo_assets(tmp_path / name, tiny=True, seed=3, show_progress=False, **steps)
+        for name in ("a", "b")
+    ]
+    for role, max_steps, evals in (("teacher", 24, [8, 16, 24]), ("student", 12, [6, 12])):
+        reports = [getattr(b, f"{role}_report") for b in builds]
+        assert [r["steps"] for r in reports] == [max_steps, max_steps]
+        assert [h["step"] for h in reports[0]["history"]] == evals
+        files = [(getattr(b, f"{role}_dir") / "model.safetensors").read_bytes() for b in builds]
+        assert files[0] == files[1]

@@ -49,7 +49,7 @@ from megatron_opd.demo.hf_sft import (
     train_sft,
 )
 
-ASSETS_VERSION = 1
+ASSETS_VERSION = 2
 """Bump when the way assets are built changes, so old caches are rebuilt."""
 
 FINGERPRINT_FILE = "demo_fingerprint.json"
@@ -100,8 +100,30 @@ class DemoAssetSettings:
     )
     """Student size."""
 
-    teacher_max_seconds: float = 240.0
-    """Teacher SFT wall-time cap (training only)."""
+    teacher_max_steps: int | None = 800
+    """Teacher SFT length in optimizer steps (the LR schedule spans it); evaluations every
+    ``teacher_eval_every_steps`` from ``teacher_min_eval_steps`` on. Counting steps (one
+    torch thread) makes the assets the same on every machine; None: count seconds with
+    the ``*_seconds`` fields below instead."""
+
+    teacher_eval_every_steps: int = 40
+    """Steps between teacher evaluations."""
+
+    teacher_min_eval_steps: int = 360
+    """No teacher evaluation before this step (it cannot solve anything earlier)."""
+
+    student_max_steps: int | None = 600
+    """Student SFT length cap in optimizer steps (None: seconds)."""
+
+    student_eval_every_steps: int = 20
+    """Steps between student evaluations (its accuracy moves within tens of steps)."""
+
+    student_min_eval_steps: int = 140
+    """No student evaluation before this step."""
+
+    teacher_max_seconds: float = 420.0
+    """Teacher SFT wall-time cap (training only; with step counts, a guard against a
+    machine far slower than expected)."""
 
     teacher_target_accuracy: float = 0.9
     """Teacher SFT stops at the first evaluation with at least this held-out accuracy."""
@@ -112,7 +134,7 @@ class DemoAssetSettings:
     teacher_min_eval_seconds: float = 60.0
     """No teacher evaluation before this much training."""
 
-    student_max_seconds: float = 60.0
+    student_max_seconds: float = 120.0
     """Student SFT wall-time cap."""
 
     student_min_accuracy: float = 0.1
@@ -168,6 +190,8 @@ def tiny_settings(seed: int = 0) -> DemoAssetSettings:
             num_key_value_heads=2,
             intermediate_size=64,
         ),
+        teacher_max_steps=None,
+        student_max_steps=None,
         teacher_max_seconds=8.0,
         teacher_target_accuracy=0.9,
         teacher_eval_every_seconds=8.0,
@@ -388,6 +412,9 @@ def make_demo_assets(
                 batch_size=s.batch_size,
                 lr=s.lr,
                 clock=s.budget_clock,
+                max_steps=s.teacher_max_steps,
+                eval_every_steps=s.teacher_eval_every_steps,
+                min_eval_steps=s.teacher_min_eval_steps,
             ),
             model_seed=s.seed * 1000 + 11,
         )
@@ -402,6 +429,9 @@ def make_demo_assets(
                 batch_size=s.batch_size,
                 lr=s.lr,
                 clock=s.budget_clock,
+                max_steps=s.student_max_steps,
+                eval_every_steps=s.student_eval_every_steps,
+                min_eval_steps=s.student_min_eval_steps,
             ),
             model_seed=s.seed * 1000 + 22,
         )

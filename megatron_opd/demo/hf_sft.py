@@ -170,6 +170,18 @@ class SFTSchedule:
     time divided by its torch threads, i.e. wall time on an idle machine; use it on a
     shared machine so the result does not depend on the neighbours' load."""
 
+    max_steps: int | None = None
+    """Count in optimizer steps instead of seconds: the LR schedule spans ``max_steps``,
+    evaluations fall every ``eval_every_steps`` from ``min_eval_steps`` on, and the run
+    uses one torch thread, so the same seed gives the same model on any machine.
+    ``max_seconds`` then only guards against a machine far slower than expected."""
+
+    eval_every_steps: int = 50
+    """Steps between evaluations (with ``max_steps``)."""
+
+    min_eval_steps: int = 0
+    """No evaluation before this step (with ``max_steps``)."""
+
 
 @dataclass(kw_only=True)
 class SFTResult:
@@ -252,19 +264,22 @@ def train_sft(
     optimizer = torch.optim.AdamW(model.parameters(), lr=schedule.lr, betas=(0.9, 0.98))
     train_s = eval_s = last_eval = 0.0
     step, accuracy, history = 0, 0.0, []
+    by_steps = schedule.max_steps is not None
+    unit = " steps" if by_steps else "s train"
     bar = tqdm(
-        total=round(schedule.max_seconds),
+        total=schedule.max_steps if by_steps else round(schedule.max_seconds),
         desc=progress_desc,
-        unit="s",
         disable=not show_progress,
         bar_format=(
-            "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total}s train "
+            "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total}" + unit + " "
             "[{elapsed}<{remaining}]{postfix}"
         ),
     )
     clock = time.process_time if schedule.clock == "cpu" else time.perf_counter
     wall_start = time.perf_counter()
-    thread_probe = _ThreadProbe() if schedule.probe_threads else None
+    if by_steps:
+        torch.set_num_threads(1)  # thread count changes float reductions, hence the model
+    thread_probe = _ThreadProbe() if schedule.probe_threads and not by_steps else None
     while True:
         if thread_probe is not None:
             thread_probe.before_step(step)
@@ -283,7 +298,10 @@ def train_sft(
             else:
                 by_count.setdefault(p.num_terms, []).append(p)
         input_ids, labels = sft_batch(batch, tokenizer)
-        progress = min(train_s / schedule.max_seconds, 1.0)
+        if by_steps:
+            progress = min(step / schedule.max_steps, 1.0)
+        else:
+            progress = min(train_s / schedule.max_seconds, 1.0)
         lr = schedule.lr * min(1.0, (step + 1) / schedule.warmup_steps)
         lr *= 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
         for group in optimizer.param_groups:
@@ -303,10 +321,15 @@ def train_sft(
             thread_probe.after_step(step, time.perf_counter() - start_wall)
             if thread_probe.done:
                 thread_probe = None
-        bar.update(min(train_s, schedule.max_seconds) - bar.n)
+        bar.update((step if by_steps else min(train_s, schedule.max_seconds)) - bar.n)
         out_of_time = train_s >= schedule.max_seconds
-        due = train_s - last_eval >= schedule.eval_every_seconds
-        if out_of_time or (due and train_s >= schedule.min_eval_seconds):
+        if by_steps:
+            out_of_time |= step >= schedule.max_steps
+            due = step % schedule.eval_every_steps == 0 and step >= schedule.min_eval_steps
+        else:
+            due = train_s - last_eval >= schedule.eval_every_seconds
+            due &= train_s >= schedule.min_eval_seconds
+        if out_of_time or due:
             last_eval = train_s
             eval_start = time.perf_counter()
             accuracy = evaluate()
