@@ -7,7 +7,7 @@
   of the task (problem, answer, worked solution);
 - ``teacher/``: a tiny ``Qwen3ForCausalLM`` (default 4 layers, width 128) trained by SFT
   on worked solutions until it solves ``teacher_target_accuracy`` of the held-out split
-  (greedy, math-verify) or its time cap runs out;
+  (greedy, math-verify, checked every 40 steps) or its step cap runs out;
 - ``student/``: a smaller Qwen3 (default 2 layers, width 64) trained only until it first
   reaches ``student_min_accuracy``, so it knows the format and sometimes solves a
   problem, but is visibly worse than the teacher: the starting point of distillation.
@@ -16,8 +16,10 @@ Checkpoints are ``save_pretrained`` directories (safetensors) with ``tokenizer.m
 copied in, so each is self-contained (``load_tokenizer(dir)`` works on it). Each part
 records a fingerprint of everything it was built from; a later call with the same
 settings finds matching fingerprints and returns at once, a changed setting rebuilds
-only the parts that depend on it. ``tiny=True`` gives a seconds-long variant for tests
-(small models, short problems; accuracy is whatever it reaches).
+only the parts that depend on it. Training is counted in optimizer steps on one torch
+thread, so a seed gives the same models on every machine (wall-clock caps remain only as
+a guard). ``tiny=True`` gives a seconds-long variant for tests (small models, short
+problems, counted in seconds; accuracy is whatever it reaches).
 """
 
 from __future__ import annotations
