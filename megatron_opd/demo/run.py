@@ -86,7 +86,7 @@ def demo_config(assets, out: Path, *, steps: int, pruned: bool) -> dict:
             "temperature": 0.0,
             "max_new_tokens": 128,
             "max_problems": 200,
-            "interval": 10,  # the accuracy curve (plus before and after)
+            "interval": 16,  # the accuracy curve (plus before and after)
         },  # fmt: skip
     }
     if not pruned:
