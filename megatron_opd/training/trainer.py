@@ -244,14 +244,13 @@ class Trainer:
                 mb_loss, mb_tokens = self.forward_backward(sub, plan)
                 skipped, grad_norm = self.apply_update(mb_loss, mb_tokens)
                 loss_sum, num_tokens = loss_sum + mb_loss, num_tokens + mb_tokens
-                grad_norms.append(grad_norm)
                 if skipped:  # the rest of the step's updates are dropped with it
                     break
+                grad_norms.append(grad_norm)
             if not skipped:
                 self.scheduler.step(increment=1)
-            # One weight push per step, however many updates it made (skipped updates
-            # left the weights alone, the others changed them).
-            self.c.engine.sync_weights()
+            if grad_norms:  # one weight push per step, however many updates changed them
+                self.c.engine.sync_weights()
         metrics = self._metrics(batch, mini_batches, loss_sum, num_tokens, global_effective)
         metrics.update(
             {f"time_{name}_s": value for name, value in timers.items()},
