@@ -119,7 +119,7 @@ def _mini_batches(overrides):
     assert trainer.updates_per_step > 1
     on_policy_step, trainer._forward_step = trainer._forward_step, make_forward_step(
         loss_config=config.loss, tp_group=groups.tp_group, vocab_size=trainer.c.vocab_size,
-        is_last_stage=groups.is_last_stage, device=groups.platform.device, rollout_old=False,
+        is_last_stage=groups.is_last_stage, device=groups.platform.device, old_from_scoring=False,
     )  # fmt: skip
     trainer.forward_backward(batch, full_plan)
     on_policy = grads() * full_tokens

@@ -33,26 +33,28 @@ _TOPK_SET_KINDS = ("topk_reverse_kl_pg", "topk_reverse_kl")
 _TEACHER_TOPK_KINDS = ("forward_topk_kl", "gkd_jsd")
 
 
-def loss_tensor_names(loss_config: LossConfig, *, rollout_old: bool = False) -> tuple[str, ...]:
+def loss_tensor_names(
+    loss_config: LossConfig, *, old_from_scoring: bool = False
+) -> tuple[str, ...]:
     """RolloutBatch fields the loss of ``loss_config.kind`` reads (beyond masks/weights);
-    ``rollout_old``: the PPO old log-probs come from scoring (several updates per step)."""
+    ``old_from_scoring``: the PPO old log-probs come from scoring (several updates per step)."""
     if loss_config.kind in _TOPK_SET_KINDS:
         names = ["student_topk_ids", "teacher_topk_ids", "teacher_log_probs_at_student_ids"]
         if loss_config.id_set in ("only_tch", "union"):
             names.append("teacher_topk_log_probs")
-        if rollout_old and loss_config.kind == "topk_reverse_kl_pg":
+        if old_from_scoring and loss_config.kind == "topk_reverse_kl_pg":
             names.append("student_topk_log_probs")
             if loss_config.id_set in ("only_tch", "union"):
                 names.append("student_log_probs_at_teacher_ids")
         return tuple(names)
     if loss_config.kind in _TEACHER_TOPK_KINDS:
         return ("teacher_topk_ids", "teacher_topk_log_probs")
-    if rollout_old:
+    if old_from_scoring:
         return ("teacher_sampled_log_probs", "student_sampled_log_probs")
     return ("teacher_sampled_log_probs",)
 
 
-def _rollout_old_log_probs(loss_config: LossConfig, inputs: dict[str, torch.Tensor]):
+def _scored_old_log_probs(loss_config: LossConfig, inputs: dict[str, torch.Tensor]):
     """Scoring-time student log-probs at the id set, in :func:`build_id_set`'s layout."""
     if loss_config.id_set in ("only_stu", "intersection"):
         return inputs["student_topk_log_probs"]
@@ -87,10 +89,10 @@ def compute_micro_batch_loss(
     loss_config: LossConfig,
     tp_group,
     vocab_size: int,
-    rollout_old: bool = False,
+    old_from_scoring: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """``(loss_sum, num_tokens, report)`` of one micro-batch from its sharded logits;
-    ``rollout_old``: PPO old log-probs from scoring instead of the detached current ones
+    ``old_from_scoring``: PPO old log-probs from scoring instead of the detached current ones
     (module essay)."""
     inputs = micro_batch.loss_inputs
     valid = inputs["valid_mask"].bool()
@@ -101,7 +103,7 @@ def compute_micro_batch_loss(
         tensors = {
             "student_log_probs": student,
             "old_student_log_probs": inputs["student_sampled_log_probs"].to(torch.float32)
-            if rollout_old
+            if old_from_scoring
             else student.detach(),
             "teacher_log_probs": inputs["teacher_sampled_log_probs"].to(torch.float32),
         }
@@ -111,8 +113,8 @@ def compute_micro_batch_loss(
         tensors = {"student_log_probs": student, "teacher_log_probs": teacher.to(torch.float32)}
         if loss_config.kind == "topk_reverse_kl_pg":
             tensors["old_student_log_probs"] = (
-                _rollout_old_log_probs(loss_config, inputs).to(torch.float32)
-                if rollout_old
+                _scored_old_log_probs(loss_config, inputs).to(torch.float32)
+                if old_from_scoring
                 else student.detach()
             )
         if id_mask is not None:
@@ -135,9 +137,9 @@ def make_forward_step(
     vocab_size: int,
     is_last_stage: bool,
     device: torch.device,
-    rollout_old: bool = False,
+    old_from_scoring: bool = False,
 ) -> Callable:
-    """The ``forward_step_func`` for ``get_forward_backward_func()`` (``rollout_old``: see
+    """The ``forward_step_func`` for ``get_forward_backward_func()`` (``old_from_scoring``: see
     :func:`compute_micro_batch_loss`)."""
 
     def forward_step(data_iterator: Iterator[TrainMicroBatch], model):
@@ -152,7 +154,7 @@ def make_forward_step(
                 loss_config=loss_config,
                 tp_group=tp_group,
                 vocab_size=vocab_size,
-                rollout_old=rollout_old,
+                old_from_scoring=old_from_scoring,
             )
 
         return output, loss_func

@@ -83,7 +83,7 @@ class Trainer:
             vocab_size=components.vocab_size,
             is_last_stage=groups.is_last_stage,
             device=groups.platform.device,
-            rollout_old=self.updates_per_step > 1,
+            old_from_scoring=self.updates_per_step > 1,
         )
 
     # ------------------------------------------------------------------ state
@@ -382,7 +382,7 @@ class Trainer:
             plan,
             is_last_stage=groups.is_last_stage,
             loss_tensor_names=loss_tensor_names(
-                self.config.loss, rollout_old=self.updates_per_step > 1
+                self.config.loss, old_from_scoring=self.updates_per_step > 1
             ),
         )
         for chunk in self.student:
