@@ -190,8 +190,7 @@ def init_distributed(
             f"pipeline_parallel_size * context_parallel_size = {config.model_parallel_size}; "
             "change parallel.* or the number of processes"
         )
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    destroy_model_parallel()  # a previous layout's groups, if any
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=config.tensor_parallel_size,
         pipeline_model_parallel_size=config.pipeline_parallel_size,
@@ -232,11 +231,23 @@ def _collect_groups(platform: Platform) -> ParallelGroups:
 
 
 def destroy_model_parallel() -> None:
-    """Tear down Megatron's groups (the default group stays)."""
+    """Tear down Megatron's groups (the default group stays).
+
+    Megatron's ``destroy_model_parallel`` only forgets its groups; c10d still holds them,
+    and each gloo group keeps its own threads (~3 per group, dozens of groups per
+    ``init_distributed``), so a process that initialises repeatedly (a test worker, a
+    sweep) would pile up thousands of threads. Every group but the default one is
+    destroyed here as well.
+    """
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        world = dist.GroupMember.WORLD
+        for group in list(dist.distributed_c10d._world.pg_map):
+            if group is not world:
+                dist.destroy_process_group(group)
 
 
 def destroy_distributed() -> None:

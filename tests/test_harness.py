@@ -75,3 +75,25 @@ def test_parallel_config_errors_name_the_field():
         ParallelConfig(tensor_parallel_size=0)
     with pytest.raises(ValueError, match="sequence_parallel"):
         ParallelConfig(sequence_parallel=True)
+
+
+def _threads_after_init_cycles(cycles):
+    import gc
+    import os
+
+    from megatron_opd.distributed import destroy_model_parallel
+
+    counts = []
+    for _ in range(cycles):
+        init_distributed(ParallelConfig(tensor_parallel_size=2), seed=0)
+        destroy_model_parallel()
+        gc.collect()
+        counts.append(len(os.listdir(f"/proc/{os.getpid()}/task")))
+    return counts
+
+
+def test_repeated_init_and_teardown_does_not_pile_up_gloo_threads():
+    # Megatron's teardown alone left ~50 gloo threads per init in the process (a test
+    # worker reached 1000+), slowing everything on a 2-core machine.
+    for counts in run_distributed(_threads_after_init_cycles, 2, 4):
+        assert counts[-1] <= counts[0] + 2, counts
