@@ -112,6 +112,7 @@ def test_overrides_reach_typed_fields_of_opd_config():
         None,
         [
             "rollout.temperature=0.7",
+            "prune.mode=truncate",
             "prune.drift_budget=5",
             "eval.datasets=[a.jsonl, b.jsonl]",
             "logging.log_dir=null",
@@ -146,7 +147,7 @@ def test_build_config_nested_optional_list_and_literal():
 
 
 def test_config_round_trips_through_a_plain_dict():
-    c = load_config(OPDConfig, TINY, ["prune.drift_budget=7"])
+    c = load_config(OPDConfig, TINY, ["prune.mode=truncate", "prune.drift_budget=7"])
     assert build_config(OPDConfig, config_to_dict(c)) == c
 
 

@@ -15,6 +15,7 @@ from megatron_opd.prune import (
     ResponseBudget,
     reliability_weights,
 )
+from megatron_opd.prune.weights import WeightRule
 
 SETTINGS = settings(max_examples=50, deadline=None)
 
@@ -113,16 +114,48 @@ def test_stopper_hand_worked_weight_zero():
     second = stopper.update(torch.tensor([[True, False]]), torch.tensor([[True, True]]))
     assert second.weights.tolist() == [[0.0, 0.0]] and second.should_stop.tolist() == [True]
     assert stopper.stop_reason.tolist() == [WEIGHT_ZERO]
+    assert stopper.stop_position.tolist() == [2]
     assert stopper.effective_length.tolist() == [2]
-    # With w_base > 0 the zero-weight tail still has loss weight, so no stop.
+    # Released mode with w_base > 0: the zero-weight tail keeps loss weight w_base, so the
+    # released objective trains on it and nothing stops.
     keep = OnlineStopper(1, w_drop=0.5, w_base=0.1)
-    keep.update(torch.tensor([[True, True, True]]), torch.tensor([[True, True, True]]))
+    out = keep.update(torch.tensor([[True, True, True]]), torch.tensor([[True, True, True]]))
     assert keep.should_stop.tolist() == [False]
+    assert out.loss_weights[0].tolist() == pytest.approx([0.6, 0.1, 0.1])
+
+
+def test_stopper_truncate_mode_cuts_after_the_stop_point():
+    # w_drop 0.5: the 2nd drift event (column 2) brings the weight to 0. Truncate keeps
+    # the release's w + w_base up to and including that token, then 0.
+    stopper = OnlineStopper(1, w_drop=0.5, w_base=0.1, mode="truncate")
+    first = stopper.update(torch.tensor([[True, False]]), torch.tensor([[True, True]]))
+    assert first.loss_weights[0].tolist() == pytest.approx([0.6, 0.6])
+    assert first.should_stop.tolist() == [False]
+    second = stopper.update(torch.tensor([[True, False, True]]), torch.ones(1, 3, dtype=torch.bool))
+    assert second.weights.tolist() == [[0.0, 0.0, 0.0]]
+    assert second.loss_weights[0].tolist() == pytest.approx([0.1, 0.0, 0.0])
+    assert second.should_stop.tolist() == [True]
+    assert stopper.stop_reason.tolist() == [WEIGHT_ZERO] and stopper.stop_position.tolist() == [2]
+    # A drift budget stops before the weight reaches 0; later tokens get w = lw = 0.
+    budget = OnlineStopper(1, w_drop=0.1, w_base=0.5, mode="truncate", drift_budget=2)
+    out = budget.update(torch.tensor([[True, True, False, True]]), torch.ones(1, 4, dtype=torch.bool))
+    assert out.weights[0].tolist() == pytest.approx([0.9, 0.8, 0.0, 0.0])
+    assert out.loss_weights[0].tolist() == pytest.approx([1.4, 1.3, 0.0, 0.0])
+    assert budget.stop_reason.tolist() == [DRIFT_BUDGET] and budget.effective_length.tolist() == [2]
+
+
+def test_stop_rules_need_truncate_mode():
+    with pytest.raises(ValueError, match="prune.mode=truncate"):
+        OnlineStopper(1, w_drop=0.1, w_base=0.5, drift_budget=3)
+    with pytest.raises(ValueError, match="prune.mode=truncate"):
+        PruneConfig(max_consecutive_bad=2)
+    with pytest.raises(ValueError, match="prune.mode"):
+        PruneConfig(mode="prune")
 
 
 def test_stopper_hand_worked_consecutive_and_budget():
     valid2 = torch.tensor([[True, True]])
-    stopper = OnlineStopper(3, w_drop=0.1, w_base=0.5, max_consecutive_bad=2)
+    stopper = OnlineStopper(3, w_drop=0.1, w_base=0.5, mode="truncate", max_consecutive_bad=2)
     # Row 0: bad, pad | bad -> run of 2 (padding neither counts nor resets).
     # Row 1: bad, good | bad -> runs of 1.  Row 2: good, bad | bad -> run of 2.
     stopper.update(
@@ -135,7 +168,7 @@ def test_stopper_hand_worked_consecutive_and_budget():
     assert stopper.stop_reason.tolist() == [CONSECUTIVE, NOT_STOPPED, CONSECUTIVE]
     assert stopper.consecutive_bad.tolist() == [2, 1, 2]
 
-    budget = OnlineStopper(2, w_drop=0.1, w_base=0.5, drift_budget=3)
+    budget = OnlineStopper(2, w_drop=0.1, w_base=0.5, mode="truncate", drift_budget=3)
     budget.update(
         torch.tensor([[True, False, True, True]]), valid2[:, :1].expand(1, 4), torch.tensor([1])
     )
@@ -144,23 +177,35 @@ def test_stopper_hand_worked_consecutive_and_budget():
     assert budget.should_stop_rows(torch.tensor([1, 0])).tolist() == [True, False]
 
 
-def _stop_loop(bad, valid, w_drop, w_base, drift_budget, max_run, eps=1e-8):
-    """Whether a sample whose tokens so far are (bad, valid) must stop."""
-    count, run, longest = 0, 0, 0
-    for is_bad, is_valid in zip(bad, valid):
+def _reference(bad, valid, w_drop, w_base, mode, drift_budget, max_run, eps=1e-8):
+    """Per-token weights, loss weights, and the stop column of one sample, by a plain loop."""
+    count = run = 0
+    stopped, stop_at = False, -1
+    weights, loss_weights = [], []
+    for t, (is_bad, is_valid) in enumerate(zip(bad, valid)):
         if not is_valid:
+            weights.append(0.0)
+            loss_weights.append(0.0)
             continue
         if is_bad:
             count, run = count + 1, run + 1
-            longest = max(longest, run)
         else:
             run = 0
-    weight = min(max(1.0 - w_drop * count, 0.0), 1.0)
-    return (
-        (w_base == 0 and w_drop > 0 and weight <= eps)
-        or (drift_budget is not None and count >= drift_budget)
-        or (max_run is not None and longest >= max_run)
-    )
+        w = min(max(1.0 - w_drop * count, 0.0), 1.0)
+        if mode == "truncate" and stopped:
+            weights.append(0.0)
+            loss_weights.append(0.0)
+            continue
+        weights.append(w)
+        loss_weights.append(w + w_base)
+        weight_rule = w_drop > 0 and (mode == "truncate" or w_base == 0)
+        if not stopped and (
+            (weight_rule and w <= eps)
+            or (drift_budget is not None and count >= drift_budget)
+            or (max_run is not None and run >= max_run)
+        ):
+            stopped, stop_at = True, t
+    return weights, loss_weights, stop_at
 
 
 @SETTINGS
@@ -170,19 +215,29 @@ def _stop_loop(bad, valid, w_drop, w_base, drift_budget, max_run, eps=1e-8):
     st.lists(st.integers(1, 5), min_size=1, max_size=8),
     st.sampled_from([0.0, 0.25, 0.3, 1.0]),
     st.sampled_from([0.0, 0.5]),
+    st.sampled_from(["released", "truncate"]),
     st.sampled_from([None, 2, 4]),
     st.sampled_from([None, 1, 3]),
     st.integers(0, 2**31 - 1),
 )
-def test_streaming_equals_batch(b, s, widths, w_drop, w_base, drift_budget, max_run, seed):
+def test_streaming_equals_batch_and_loop(
+    b, s, widths, w_drop, w_base, mode, drift_budget, max_run, seed
+):
+    if mode == "released":
+        drift_budget = max_run = None
     gen = torch.Generator().manual_seed(seed)
     bad = torch.rand(b, s, generator=gen) > 0.5
     valid = torch.rand(b, s, generator=gen) > 0.2
     # Sample i leaves the running batch after its own random number of columns.
     leave_at = torch.randint(1, s + 1, (b,), generator=gen).tolist()
     stopper = OnlineStopper(
-        b, w_drop=w_drop, w_base=w_base, drift_budget=drift_budget, max_consecutive_bad=max_run
-    )
+        b, w_drop=w_drop, w_base=w_base, mode=mode, drift_budget=drift_budget,
+        max_consecutive_bad=max_run,
+    )  # fmt: skip
+    rule = WeightRule(
+        w_drop=w_drop, w_base=w_base, mode=mode, drift_budget=drift_budget,
+        max_consecutive_bad=max_run,
+    )  # fmt: skip
     pieces = [[] for _ in range(b)]
     start, chunk = 0, 0
     while start < s:
@@ -198,26 +253,31 @@ def test_streaming_equals_batch(b, s, widths, w_drop, w_base, drift_budget, max_
             for r, sample in enumerate(rows):
                 pieces[sample].append(out.weights[r])
                 seen = slice(0, start + width)
-                expected = _stop_loop(
+                _, _, stop_at = _reference(
                     bad[sample, seen].tolist(), valid[sample, seen].tolist(),
-                    w_drop, w_base, drift_budget, max_run,
+                    w_drop, w_base, mode, drift_budget, max_run,
                 )  # fmt: skip
-                assert out.should_stop[r].item() == expected
+                assert out.should_stop[r].item() == (stop_at >= 0)
         start += width
         chunk += 1
-    # Reference: the batch form on each sample's prefix.
     result = stopper.result()
     for i in range(b):
         length = sum(p.numel() for p in pieces[i])
-        ref = reliability_weights(
-            bad[i : i + 1, :length], valid[i : i + 1, :length], w_drop, w_base
-        )
-        assert torch.equal(torch.cat(pieces[i]), ref.weights[0])
-        assert torch.equal(result.weights[i, :length], ref.weights[0])
-        assert torch.equal(result.loss_weights[i, :length], ref.loss_weights[0])
+        w, lw, stop_at = _reference(
+            bad[i, :length].tolist(), valid[i, :length].tolist(),
+            w_drop, w_base, mode, drift_budget, max_run,
+        )  # fmt: skip
+        batch = reliability_weights(bad[i : i + 1, :length], valid[i : i + 1, :length], rule=rule)
+        assert batch.weights[0].tolist() == pytest.approx(w, abs=1e-6)
+        assert batch.loss_weights[0].tolist() == pytest.approx(lw, abs=1e-6)
+        assert batch.stop_position[0].item() == stop_at == result.stop_position[i].item()
+        # Streaming equals the whole-sequence form bitwise.
+        assert torch.equal(torch.cat(pieces[i]), batch.weights[0])
+        assert torch.equal(result.weights[i, :length], batch.weights[0])
+        assert torch.equal(result.loss_weights[i, :length], batch.loss_weights[0])
         assert not result.weights[i, length:].any()
-        assert result.effective_length[i].item() == ref.effective_length[0].item()
-        assert result.num_bad_events[i].item() == ref.num_bad_events[0].item()
+        assert result.effective_length[i].item() == batch.effective_length[0].item()
+        assert result.num_bad_events[i].item() == batch.num_bad_events[0].item()
 
 
 def test_stopper_bad_input():

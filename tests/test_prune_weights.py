@@ -250,7 +250,7 @@ def test_config_validation():
     with pytest.raises(ValueError, match="prune.metric"):
         PruneConfig(metric="entropy")
     with pytest.raises(ValueError, match="prune.drift_budget"):
-        PruneConfig(drift_budget=0)
+        PruneConfig(mode="truncate", drift_budget=0)
     with pytest.raises(ValueError, match="budget.min_len"):
         BudgetConfig(min_len=2000, max_len=1000)
     with pytest.raises(ValueError, match="budget.step"):
@@ -272,7 +272,7 @@ def test_config_validation():
 def test_config_builds_from_yaml_mapping():
     from megatron_opd.config.loader import build_config
 
-    cfg = build_config(PruneConfig, {"threshold": 0.9, "drift_budget": 50})
-    assert cfg.threshold == 0.9 and cfg.drift_budget == 50
+    cfg = build_config(PruneConfig, {"threshold": 0.9, "mode": "truncate", "drift_budget": 50})
+    assert cfg.threshold == 0.9 and cfg.drift_budget == 50 and cfg.mode == "truncate"
     with pytest.raises(ValueError, match="prune.w_drop"):
         build_config(PruneConfig, {"w_drop": -1.0}, prefix="prune.")

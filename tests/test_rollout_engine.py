@@ -204,6 +204,36 @@ def _engine_cases(groups, student, teacher, eos):
             "online": online,
             "full": (full.weights, chunked.overlap_ratio, full.effective_length),
         }
+
+    # The release's w_base = 0.5: released mode never stops; truncate mode ends each
+    # response at its stop point (online), and the full-sequence rule cuts the same tokens.
+    for mode in ("released", "truncate"):
+        prune = PruneConfig(metric="overlap", threshold=TAU, top_k=TOP_K, w_drop=W_DROP,
+                            w_base=0.5, mode=mode)  # fmt: skip
+        scorer = ChunkScorer(teacher, groups, prune, vocab_size=VOCAB_SIZE)
+        out = engine.generate(PROMPTS, max_new_tokens=NUM_NEW, seed=9, chunk_listener=scorer)
+        scorer.fill_batch(out)
+        res[f"{mode}_lengths"] = out.response_lengths.tolist()
+        res[f"{mode}_stopped_early"] = scorer.stopped_early.tolist()
+        if groups.is_last_stage:
+            online_lw = out.loss_weights.clone()
+            score_rollouts(
+                out, student=student, teacher=teacher, groups=groups, top_k=TOP_K,
+                micro_batch_size=3, vocab_size=VOCAB_SIZE,
+            )  # fmt: skip
+            mask = out.response_mask()
+            bad, _ = drift_events(
+                metric="overlap", threshold=TAU, valid_mask=mask,
+                student_topk_ids=out.student_topk_ids, teacher_topk_ids=out.teacher_topk_ids,
+            )  # fmt: skip
+            full = reliability_weights(bad, mask, rule=prune.weight_rule())
+            res[f"{mode}_loss_weights"] = (online_lw, full.loss_weights, full.stop_position,
+                                           out.prompt_lengths.clone())  # fmt: skip
+        else:
+            score_rollouts(
+                out, student=student, teacher=teacher, groups=groups, top_k=TOP_K,
+                micro_batch_size=3, vocab_size=VOCAB_SIZE,
+            )  # fmt: skip
     return res
 
 
@@ -363,6 +393,35 @@ def test_chunked_online_stop_equals_full_scoring(runs, layout):
         assert any(n < NUM_NEW for n in stopped)
         assert any(at_eos and n % 3 != 0 for n, at_eos in zip(lengths, ended_at_eos))
         assert any(why == 0 for why in res["stop_reason"])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_truncate_mode_stops_and_cuts_with_w_base(runs, layout):
+    _, results = runs
+    for res in results[layout]:
+        assert res["truncate_stopped_early"] == results[layout][0]["truncate_stopped_early"]
+        # Released mode with w_base = 0.5: nothing ever stops, every token is trained.
+        assert not any(res["released_stopped_early"])
+        if not res["last"]:
+            continue
+        online, full, stop, prompt = res["released_loss_weights"]
+        torch.testing.assert_close(online, full)
+        assert (stop == -1).all()
+        online, full, stop, prompt = res["truncate_loss_weights"]
+        torch.testing.assert_close(online, full)
+        lengths = res["truncate_lengths"]
+        stopped = res["truncate_stopped_early"]
+        assert any(stopped), "the online stop never fired at w_base = 0.5"
+        for i, was_stopped in enumerate(stopped):
+            if was_stopped:
+                # Stopped at a chunk end, at or after its stop point; nothing after the
+                # stop point carries loss weight, the stop token keeps w + w_base >= 0.5.
+                assert stop[i] >= 0 and lengths[i] % 3 == 0
+                assert (full[i, stop[i] + 1 :] == 0).all() and full[i, stop[i]] >= 0.5
+                assert stop[i] - prompt[i] >= lengths[i] - 3
+        # Released keeps every sample's full length; truncate is never longer.
+        assert all(t <= r for t, r in zip(lengths, res["released_lengths"]))
+        assert sum(lengths) < sum(res["released_lengths"])
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

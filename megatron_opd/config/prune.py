@@ -29,6 +29,18 @@ class PruneConfig:
     enable: bool = True
     """Apply reliability weights (False: every response token has loss weight 1, plain OPD)."""
 
+    mode: Literal["released", "truncate"] = "released"
+    """``released``: the authors' objective exactly: every generated token is trained
+    with loss weight ``w + w_base``; a sample only stops early (chunked rollouts) where
+    that changes nothing (its weight reached 0 and ``w_base == 0``), so with the released
+    ``w_base = 0.5`` nothing stops and the dynamic budget is the only saving.
+    ``truncate`` (ours, beyond the release): each response ends at its stop point, the
+    token where its weight reached 0 (the ``ceil(1 / w_drop)``-th drift event), its
+    ``drift_budget``-th drift event or its ``max_consecutive_bad``-th in a row, whichever
+    comes first; the tokens after it are neither generated (online stop, needs
+    ``rollout.chunk_size > 0``) nor trained (loss weight 0, trimmed). Up to and including
+    the stop point the release's ``w + w_base`` applies unchanged."""
+
     metric: Literal["overlap", "teacher_top_p_accept"] = "overlap"
     """Drift signal. ``overlap``: bad when |S_t ∩ T_t| / K < ``threshold``.
     ``teacher_top_p_accept``: bad when the sampled token is outside the teacher's top-p
@@ -50,16 +62,20 @@ class PruneConfig:
     """A weight above this counts towards the effective (reliable) length."""
 
     online_stop: bool = True
-    """Stop a sample during chunked generation once its remaining tokens cannot matter
-    (weight reached 0 with ``w_base == 0``) or a drift limit below is reached."""
+    """With ``rollout.chunk_size > 0``: stop generating a sample at its stop point (see
+    ``mode``). False: generate everything, still cut in training (``truncate``)."""
 
     drift_budget: int | None = None
-    """Also stop a sample after this many drift events (None: no limit)."""
+    """``truncate`` mode: a response also ends at this many drift events (None: no such
+    rule). Refused in ``released`` mode, whose objective never ends a response early."""
 
     max_consecutive_bad: int | None = None
-    """Also stop a sample after this many drift events in a row (None: no limit)."""
+    """``truncate`` mode: a response also ends at this many drift events in a row (None:
+    no such rule). Refused in ``released`` mode."""
 
     def __post_init__(self) -> None:
+        if self.mode not in ("released", "truncate"):
+            raise ValueError(f"prune.mode must be 'released' or 'truncate', got {self.mode!r}")
         if self.metric not in ("overlap", "teacher_top_p_accept"):
             raise ValueError(
                 f"prune.metric must be 'overlap' or 'teacher_top_p_accept', got {self.metric!r}"
@@ -74,6 +90,37 @@ class PruneConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"prune.{name} must be >= 1 or null (no limit), got {value}")
+        self.weight_rule()  # mode and the stop rules agree
+
+    def weight_rule(self):
+        """The :class:`~megatron_opd.prune.weights.WeightRule` of this section."""
+        from megatron_opd.prune.weights import WeightRule
+
+        return WeightRule.from_config(self)
+
+    def describe(self) -> str:
+        """One line saying which objective is on and when a response can end early."""
+        if not self.enable:
+            return "prune: off (plain OPD: every response token has loss weight 1)"
+        head = (
+            f"prune: mode={self.mode}, metric={self.metric} (threshold {self.threshold}), "
+            f"w_drop={self.w_drop}, w_base={self.w_base}"
+        )
+        rules = []
+        if self.w_drop > 0 and (self.mode == "truncate" or self.w_base == 0):
+            rules.append(f"weight 0 (drift event {math.ceil(1 / self.w_drop - 1e-9)})")
+        if self.drift_budget is not None:
+            rules.append(f"{self.drift_budget} drift events")
+        if self.max_consecutive_bad is not None:
+            rules.append(f"{self.max_consecutive_bad} drift events in a row")
+        if not rules:
+            return head + "; no response ends early (every generated token is trained)"
+        if self.mode == "released":
+            return head + f"; a response stops at {rules[0]}: later loss weights are 0 anyway"
+        return (
+            head + f"; a response ends at {' or '.join(rules)}: later tokens are neither "
+            "generated (online stop) nor trained"
+        )
 
     def check_vocab_size(self, vocab_size: int) -> None:
         """Raise ValueError when ``top_k`` exceeds the (real, unpadded) vocabulary."""

@@ -27,13 +27,17 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from megatron_opd.data.tokenizer import NEWLINE_PIECE, plain_prompt_template
+from megatron_opd.data.task_tokenizer import (  # noqa: F401  (ids re-exported)
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    UNK_ID,
+    train_sentencepiece,
+)
+from megatron_opd.data.tokenizer import plain_prompt_template
 
 TERM_LABELS = "abcdefghijklmnopqrstuvwxyz"
 """Labels of the terms, in order; at most 26 terms."""
-
-PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
-"""Special ids of the task tokenizer."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +55,11 @@ class ChainProblem:
 
     num_terms: int
     """Number of terms (``num_terms - 1`` solution steps)."""
+
+    @property
+    def size(self) -> int:
+        """The problem's size for batching by length: its number of terms."""
+        return self.num_terms
 
 
 def make_chain_problem(
@@ -137,45 +146,14 @@ def train_task_tokenizer(
     min_terms: int = 2,
     max_terms: int = 12,
 ) -> Path:
-    """Train a BPE SentencePiece model on task text; returns ``out_dir/tokenizer.model``.
+    """Train the chain task's SentencePiece model; returns ``out_dir/tokenizer.model``.
 
-    Ids: pad 0, bos 1, eos 2, unk 3. Settings the task needs (probe ``tiny_task``):
-    ``split_digits`` (every digit its own piece, so sums are digit by digit), a user
-    symbol for newlines (else they become ``<unk>``), no whitespace splitting and exact
-    whitespace (so decode(encode(x)) == x), and ``hard_vocab_limit=False`` because the
-    corpus is so repetitive that BPE cannot reach even a small vocabulary size.
+    The corpus is ``num_corpus_problems`` problems with ``min_terms..max_terms`` terms;
+    the settings are :func:`~megatron_opd.data.task_tokenizer.train_sentencepiece`'s.
     """
-    import sentencepiece as spm
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"chain-tokenizer-{seed}")
     corpus = tokenizer_corpus(
         make_chain_problem(rng, min_terms=min_terms, max_terms=max_terms)
         for _ in range(num_corpus_problems)
     )
-    corpus_file = out_dir / "tokenizer_corpus.txt"
-    corpus_file.write_text("\n".join(text.replace("\n", NEWLINE_PIECE) for text in corpus))
-    spm.SentencePieceTrainer.train(
-        input=str(corpus_file),
-        model_prefix=str(out_dir / "tokenizer"),
-        vocab_size=vocab_size,
-        model_type="bpe",
-        split_digits=True,
-        split_by_whitespace=False,
-        hard_vocab_limit=False,
-        pad_id=PAD_ID,
-        bos_id=BOS_ID,
-        eos_id=EOS_ID,
-        unk_id=UNK_ID,
-        character_coverage=1.0,
-        user_defined_symbols=[NEWLINE_PIECE, "\\boxed{"],
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
-        num_threads=1,
-        minloglevel=2,
-    )
-    corpus_file.unlink()
-    (out_dir / "tokenizer.vocab").unlink(missing_ok=True)
-    return out_dir / "tokenizer.model"
+    return train_sentencepiece(out_dir, corpus, vocab_size=vocab_size)

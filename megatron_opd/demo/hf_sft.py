@@ -1,11 +1,11 @@
-"""Tiny Qwen3 models trained by supervised fine-tuning on the chain task, in plain PyTorch.
+"""Tiny Qwen3 models trained by supervised fine-tuning on a built-in task, in plain PyTorch.
 
 The demo needs a teacher that solves the built-in task and a student that is visibly
 worse but not hopeless. Both are Hugging Face ``Qwen3ForCausalLM`` models (so the
 project's HF -> Megatron conversion loads them like real checkpoints), trained here on
 the task's worked solutions with the loss on solution tokens only.
 
-Training batches are generated fresh from the task stream, one term count per batch so
+Training batches are generated fresh from the task stream, one problem size per batch so
 rows have similar lengths, right-padded (causal attention never looks right, so no mask
 is needed and the loss ignores the padding). Periodic greedy evaluation on the held-out
 split uses ``model.generate`` with its KV cache over left-padded prompts and is graded
@@ -25,7 +25,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from megatron_opd.data.chain_task import ChainProblem
 from megatron_opd.data.tokenizer import Tokenizer
 from megatron_opd.eval.grading import grade
 
@@ -77,7 +76,7 @@ def build_qwen3(shape: TinyModelShape, tokenizer: Tokenizer, *, seed: int, max_p
     return model
 
 
-def sft_batch(problems: list[ChainProblem], tokenizer: Tokenizer):
+def sft_batch(problems: list, tokenizer: Tokenizer):
     """``(input_ids [b, s], labels [b, s])``: prompt + solution + EOS, loss on the solution."""
     rows, prompt_lengths = [], []
     for p in problems:
@@ -125,7 +124,7 @@ def generate_greedy(
 
 
 def greedy_accuracy(
-    model, tokenizer: Tokenizer, problems: list[ChainProblem], *, max_new_tokens: int
+    model, tokenizer: Tokenizer, problems: list, *, max_new_tokens: int
 ) -> float:
     """Fraction of ``problems`` solved by greedy decoding (graded with math-verify)."""
     responses = generate_greedy(
@@ -243,24 +242,26 @@ class _ThreadProbe:
 def train_sft(
     model,
     tokenizer: Tokenizer,
-    problems: Iterator[ChainProblem],
+    problems: Iterator,
     schedule: SFTSchedule,
     evaluate: Callable[[], float],
     *,
-    term_counts: tuple[int, int],
+    size_range: tuple[int, int],
     seed: int,
     progress_desc: str = "SFT",
     show_progress: bool = True,
+    progress_position: int = 0,
 ) -> SFTResult:
     """Train ``model`` on ``problems`` until ``evaluate()`` >= target or time runs out.
 
-    ``problems`` is the training stream (already disjoint from the held-out split); each
-    batch takes problems of one term count in ``term_counts`` to keep padding small.
+    ``problems`` is the training stream (already disjoint from the held-out split) of
+    problems with a ``size``; each batch takes problems of one size in ``size_range`` to
+    keep padding small.
     """
     from tqdm.auto import tqdm
 
     rng = random.Random(f"sft-batches-{seed}")
-    by_count: dict[int, list[ChainProblem]] = {}
+    by_count: dict[int, list] = {}
     optimizer = torch.optim.AdamW(model.parameters(), lr=schedule.lr, betas=(0.9, 0.98))
     train_s = eval_s = last_eval = 0.0
     step, accuracy, history = 0, 0.0, []
@@ -270,6 +271,7 @@ def train_sft(
         total=schedule.max_steps if by_steps else round(schedule.max_seconds),
         desc=progress_desc,
         disable=not show_progress,
+        position=progress_position,
         bar_format=(
             "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total}" + unit + " "
             "[{elapsed}<{remaining}]{postfix}"
@@ -285,18 +287,18 @@ def train_sft(
             thread_probe.before_step(step)
         threads = torch.get_num_threads() if schedule.clock == "cpu" else 1
         start, start_wall = clock(), time.perf_counter()
-        num_terms = rng.randint(*term_counts)
-        batch: list[ChainProblem] = []
+        size = rng.randint(*size_range)
+        batch: list = []
         while len(batch) < schedule.batch_size:
-            bucket = by_count.setdefault(num_terms, [])
+            bucket = by_count.setdefault(size, [])
             if bucket:
                 batch.append(bucket.pop())
                 continue
             p = next(problems)
-            if p.num_terms == num_terms:
+            if p.size == size:
                 batch.append(p)
             else:
-                by_count.setdefault(p.num_terms, []).append(p)
+                by_count.setdefault(p.size, []).append(p)
         input_ids, labels = sft_batch(batch, tokenizer)
         if by_steps:
             progress = min(step / schedule.max_steps, 1.0)

@@ -2,22 +2,20 @@
 
 The rollout engine generates ``C`` tokens at a time, scores each new chunk with the
 teacher, and feeds the chunk's drift events here. The stopper keeps, per sample, the
-running count of drift events, the current run of consecutive drift events and the
-effective length, so the weights of each new chunk continue exactly where the previous
-chunk ended:
+running count of drift events, the current run of consecutive drift events, whether the
+sample passed its stop point, and the effective length, so the weights of each new chunk
+continue exactly where the previous chunk ended (:func:`~megatron_opd.prune.weights.
+chunk_weights`, the same arithmetic as the whole-sequence
+:func:`~megatron_opd.prune.weights.reliability_weights`, bitwise).
 
-    w[t] = clamp(1 - w_drop * (count_before_chunk + cumsum_in_chunk(bad)[t]), 0, 1)
+A sample should stop when it reached its stop point (:class:`~megatron_opd.prune.weights.
+WeightRule`):
 
-which is bitwise what :func:`~megatron_opd.prune.weights.reliability_weights` gives on
-the concatenated sequence (same integer counts, same float32 arithmetic).
-
-A sample should stop when nothing it could still generate matters for training:
-
-- its weight reached 0 (<= positive_eps) and ``w_base == 0``: every later loss weight
-  is 0 (``reason = WEIGHT_ZERO``);
-- or it spent a configured drift budget (``reason = DRIFT_BUDGET``), or had a configured
-  number of drift events in a row (``reason = CONSECUTIVE``). These two change the
-  training data on purpose when ``w_base > 0``: they drop the weak ``w_base`` tail.
+- ``released`` mode: its weight reached 0 and ``w_base == 0``, so every later loss weight
+  is 0 (``reason = WEIGHT_ZERO``); with ``w_base > 0`` nothing ever stops;
+- ``truncate`` mode: its weight reached 0 (``WEIGHT_ZERO``), it spent ``drift_budget``
+  drift events (``DRIFT_BUDGET``), or had ``max_consecutive_bad`` in a row
+  (``CONSECUTIVE``); the tokens after the stop point are cut from training as well.
 
 Rows may leave the running batch: each chunk comes with ``sample_index [r]``, the
 sample each of its rows belongs to. Invalid (padding) columns inside a chunk neither
@@ -30,11 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_opd.prune.weights import (
-    ReliabilityWeights,
-    check_weight_params,
-    weights_from_counts,
-)
+from megatron_opd.prune.weights import ReliabilityWeights, WeightRule, chunk_weights
 
 NOT_STOPPED = 0
 WEIGHT_ZERO = 1
@@ -65,27 +59,24 @@ class OnlineStopper:
         *,
         w_drop: float,
         w_base: float,
+        mode: str = "released",
         drift_budget: int | None = None,
         max_consecutive_bad: int | None = None,
         positive_eps: float = 1e-8,
         keep_history: bool = True,
         device: torch.device | str = "cpu",
     ) -> None:
-        check_weight_params(w_drop, w_base)
+        self.rule = WeightRule(
+            w_drop=w_drop,
+            w_base=w_base,
+            positive_eps=positive_eps,
+            mode=mode,
+            drift_budget=drift_budget,
+            max_consecutive_bad=max_consecutive_bad,
+        )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        for name, value in (
-            ("drift_budget", drift_budget),
-            ("max_consecutive_bad", max_consecutive_bad),
-        ):
-            if value is not None and value < 1:
-                raise ValueError(f"prune.{name} must be >= 1 or None, got {value}")
         self.batch_size = batch_size
-        self.w_drop = w_drop
-        self.w_base = w_base
-        self.drift_budget = drift_budget
-        self.max_consecutive_bad = max_consecutive_bad
-        self.positive_eps = positive_eps
         self.keep_history = keep_history
         zeros = torch.zeros(batch_size, dtype=torch.int64, device=device)
         self.num_bad_events = zeros.clone()
@@ -98,6 +89,8 @@ class OnlineStopper:
         """``[b]`` columns fed so far (valid or not)."""
         self.stop_reason = zeros.clone()
         """``[b]`` first reason to stop (NOT_STOPPED, WEIGHT_ZERO, DRIFT_BUDGET, CONSECUTIVE)."""
+        self.stop_position = zeros - 1
+        """``[b]`` column (counted from the first chunk) of the stop point, -1 if none."""
         self._history: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [
             [] for _ in range(batch_size)
         ]
@@ -109,6 +102,7 @@ class OnlineStopper:
             batch_size,
             w_drop=config.w_drop,
             w_base=config.w_base,
+            mode=config.mode,
             drift_budget=config.drift_budget,
             max_consecutive_bad=config.max_consecutive_bad,
             positive_eps=config.positive_eps,
@@ -167,70 +161,54 @@ class OnlineStopper:
             )
         valid = valid_mask.bool().to(sample_index.device)
         bad = bad_events.bool().to(sample_index.device) & valid
-
-        count_before = self.num_bad_events[sample_index]
-        cumulative_in_chunk = bad.to(torch.int64).cumsum(dim=-1)
-        cumulative_bad = count_before[:, None] + cumulative_in_chunk
-        weights = torch.where(valid, weights_from_counts(cumulative_bad, self.w_drop), 0.0)
-        loss_weights = torch.where(valid, weights + self.w_base, 0.0)
-
-        run_end, run_max = self._runs(bad, valid, cumulative_in_chunk, sample_index)
-        new_count = cumulative_bad[:, -1] if bad.shape[1] else count_before
-        self.num_bad_events[sample_index] = new_count
-        self.consecutive_bad[sample_index] = run_end
-        self.effective_length[sample_index] += (valid & (weights > self.positive_eps)).sum(dim=-1)
+        out = chunk_weights(
+            bad,
+            valid,
+            self.rule,
+            count_before=self.num_bad_events[sample_index],
+            run_before=self.consecutive_bad[sample_index],
+            stopped_before=self.should_stop[sample_index],
+        )
+        columns = torch.arange(bad.shape[1], device=bad.device)
+        first_stop = torch.where(out.stop_here, columns, -1).amax(dim=-1) if bad.shape[1] else None
+        if first_stop is not None:
+            start = self.num_tokens[sample_index]
+            new_stop = first_stop >= 0
+            self.stop_position[sample_index] = torch.where(
+                new_stop, start + first_stop, self.stop_position[sample_index]
+            )
+            reason = self._reason(out, first_stop.clamp(min=0))
+            self.stop_reason[sample_index] = torch.where(
+                new_stop, reason, self.stop_reason[sample_index]
+            )
+        self.num_bad_events[sample_index] = out.count_after
+        self.consecutive_bad[sample_index] = out.run_after
+        positive = valid & (out.weights > self.rule.positive_eps)
+        self.effective_length[sample_index] += positive.sum(dim=-1)
         self.num_tokens[sample_index] += bad.shape[1]
-
-        reason = torch.zeros_like(new_count)
-        if self.w_base == 0 and self.w_drop > 0:
-            weight_now = weights_from_counts(new_count, self.w_drop)
-            reason = torch.where(weight_now <= self.positive_eps, WEIGHT_ZERO, reason)
-        if self.drift_budget is not None:
-            reason = torch.where(
-                (reason == NOT_STOPPED) & (new_count >= self.drift_budget), DRIFT_BUDGET, reason
-            )
-        if self.max_consecutive_bad is not None:
-            reason = torch.where(
-                (reason == NOT_STOPPED) & (run_max >= self.max_consecutive_bad), CONSECUTIVE, reason
-            )
-        old_reason = self.stop_reason[sample_index]
-        self.stop_reason[sample_index] = torch.where(old_reason != NOT_STOPPED, old_reason, reason)
 
         if self.keep_history:
             for row, sample in enumerate(sample_index.tolist()):
-                self._history[sample].append((weights[row], loss_weights[row], valid[row]))
+                self._history[sample].append((out.weights[row], out.loss_weights[row], valid[row]))
         return ChunkWeights(
-            weights=weights,
-            loss_weights=loss_weights,
+            weights=out.weights,
+            loss_weights=out.loss_weights,
             should_stop=self.stop_reason[sample_index] != NOT_STOPPED,
         )
 
-    def _runs(
-        self,
-        bad: torch.Tensor,
-        valid: torch.Tensor,
-        cumulative_in_chunk: torch.Tensor,
-        sample_index: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run of consecutive drift events at the chunk's end, and its longest run ``[r]``.
-
-        A valid good token resets the run; invalid columns are skipped. The run at column
-        j is the number of bad events since the last reset (plus the carried run when
-        there was no reset in this chunk)."""
-        carried = self.consecutive_bad[sample_index]
-        rows, cols = bad.shape
-        if cols == 0:
-            return carried, carried
-        column = torch.arange(cols, device=bad.device).expand(rows, cols)
-        reset = valid & ~bad
-        last_reset = torch.where(reset, column, -1).cummax(dim=-1).values
-        count_at_reset = cumulative_in_chunk.gather(-1, last_reset.clamp(min=0))
-        run = torch.where(
-            last_reset >= 0,
-            cumulative_in_chunk - count_at_reset,
-            carried[:, None] + cumulative_in_chunk,
-        )
-        return run[:, -1], torch.maximum(run.max(dim=-1).values, carried)
+    def _reason(self, out, column: torch.Tensor) -> torch.Tensor:
+        """``[r]`` reason of a stop at ``column`` of the chunk: weight zero, else the
+        drift budget, else consecutive drift events."""
+        rule = self.rule
+        at = column[:, None]
+        reason = torch.full_like(column, CONSECUTIVE)
+        if rule.drift_budget is not None:
+            spent = out.cumulative_bad.gather(-1, at)[:, 0] >= rule.drift_budget
+            reason = torch.where(spent, DRIFT_BUDGET, reason)
+        if rule.w_drop > 0 and (rule.mode == "truncate" or rule.w_base == 0):
+            zero = out.weights.gather(-1, at)[:, 0] <= rule.positive_eps
+            reason = torch.where(zero, WEIGHT_ZERO, reason)
+        return reason
 
     def result(self) -> ReliabilityWeights:
         """Weights of every sample's tokens so far, right-padded to ``[b, max columns]``:
@@ -251,4 +229,5 @@ class OnlineStopper:
             loss_weights=loss_weights,
             effective_length=self.effective_length.clone(),
             num_bad_events=self.num_bad_events.clone(),
+            stop_position=self.stop_position.clone(),
         )

@@ -63,6 +63,9 @@ class ChunkScorer:
         self.vocab_size = vocab_size
         self.student_top_k = int(prune_config.top_k)
         self.stopper: OnlineStopper | None = None
+        self.stopped_early = torch.zeros(0, dtype=torch.bool)
+        """``[b]`` bool: generation of the sample was ended by the online stop (before its
+        EOS and its token budget); on every rank."""
         self._overlap: dict[int, list[torch.Tensor]] = {}
         self._context = None
         self._rows: torch.Tensor | None = None
@@ -77,6 +80,7 @@ class ChunkScorer:
             self.stopper = OnlineStopper.from_config(
                 prompts.num_samples, self.config, device=device
             )
+            self.stopped_early = torch.zeros(prompts.num_samples, dtype=torch.bool, device=device)
             self._overlap = {}
         tokens = prompts.prompt_tokens.to(device)
         m, p = tokens.shape
@@ -137,7 +141,9 @@ class ChunkScorer:
         if groups.pp_size > 1:
             dist.broadcast(stop, src=groups.last_stage_global_rank, group=groups.pp_group)
         stop = stop.bool()
-        keep = ~(stop | chunk.finished.to(device))
+        finished = chunk.finished.to(device)
+        self.stopped_early[chunk.sample_index.to(device)[stop & ~finished]] = True
+        keep = ~(stop | finished)
         if not bool(keep.all()):
             for layer, (k, v) in self._context.key_value_memory_dict.items():
                 self._context.key_value_memory_dict[layer] = (k[:, keep], v[:, keep])

@@ -23,6 +23,7 @@ Teacher and student live on the same ranks with the same TP/PP layout (documente
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -52,6 +53,7 @@ from megatron_opd.training.pipeline_transport import (
     broadcast_from_last_stage,
     gather_across_data_parallel,
 )
+from megatron_opd.training.rollout_stats import COLUMNS, rollout_metrics, sample_stats
 
 
 class TrainingStopped(RuntimeError):
@@ -85,6 +87,33 @@ class Trainer:
             device=groups.platform.device,
             old_from_scoring=self.updates_per_step > 1,
         )
+        self.last_sample_stats: torch.Tensor | None = None
+        """``[n, 7]`` per-sample facts of the last step's global batch
+        (:data:`~megatron_opd.training.rollout_stats.COLUMNS`), on every rank."""
+        self.announce()
+
+    def announce(self) -> None:
+        """Say once which objective is on, and warn when chunked scoring cannot pay off."""
+        cfg = self.config
+        self.c.log.message(cfg.prune.describe())
+        if not cfg.rollout.chunk_size:
+            return
+        rule = cfg.prune.weight_rule()
+        if not (cfg.prune.enable and cfg.prune.online_stop and rule.can_stop):
+            why = (
+                "prune.enable is false" if not cfg.prune.enable
+                else "prune.online_stop is false" if not cfg.prune.online_stop
+                else f"prune.mode=released with w_base={cfg.prune.w_base} > 0 trains every "
+                "generated token"
+            )  # fmt: skip
+            text = (
+                f"rollout.chunk_size={cfg.rollout.chunk_size} scores every chunk with the "
+                f"teacher during generation, but no sample can ever stop ({why}): the chunked "
+                "scoring costs time and saves none. Set rollout.chunk_size=0, or "
+                "prune.mode=truncate to end responses at their stop point."
+            )
+            warnings.warn(text, RuntimeWarning, stacklevel=2)
+            self.c.log.message("warning: " + text)
 
     # ------------------------------------------------------------------ state
     def trainer_state(self) -> dict:
@@ -252,6 +281,7 @@ class Trainer:
             if grad_norms:  # one weight push per step, however many updates changed them
                 self.c.engine.sync_weights()
         metrics = self._metrics(batch, mini_batches, loss_sum, num_tokens, global_effective)
+        metrics.update(self._rollout_metrics(batch, response_budget))
         metrics.update(
             {f"time_{name}_s": value for name, value in timers.items()},
             time_step_s=sum(timers.values()),
@@ -285,6 +315,8 @@ class Trainer:
                 prompts, max_new_tokens=max_new, seed=seed, chunk_listener=listener
             )
             batch.answers = [answers[i] for i in batch.prompt_index.tolist()]
+            if listener is not None:
+                batch.extras["stopped_early"] = listener.stopped_early.clone()
         with _timed(timers, "score"):
             self.c.teacher_onload()
             score_rollouts(
@@ -317,12 +349,11 @@ class Trainer:
             teacher_topk_log_probs=batch.teacher_topk_log_probs,
         )
         if cfg.prune.enable:
-            result = reliability_weights(
-                bad, valid, w_drop=cfg.prune.w_drop, w_base=cfg.prune.w_base
-            )
+            result = reliability_weights(bad, valid, rule=cfg.prune.weight_rule())
             batch.weights = result.weights
             batch.loss_weights = result.loss_weights
             batch.effective_lengths = result.effective_length
+            batch.extras["stop_position"] = result.stop_position
         else:
             batch.weights = valid.float()
             batch.loss_weights = valid.float()
@@ -425,6 +456,26 @@ class Trainer:
         _, grad_norm, _ = self.optimizer.step()
         return False, float(grad_norm or 0.0)
 
+    def _rollout_metrics(self, batch: RolloutBatch, max_new_tokens: int) -> dict[str, float]:
+        """Regime metrics of the global batch (:mod:`~megatron_opd.training.rollout_stats`);
+        keeps the per-sample table in ``last_sample_stats``."""
+        groups = self.groups
+        table = None
+        if groups.is_last_stage:
+            table = sample_stats(
+                batch,
+                eos_id=self.c.tokenizer.eos_id,
+                max_new_tokens=min(max_new_tokens, self.config.rollout.max_new_tokens),
+                w_drop=self.config.prune.w_drop,
+                positive_eps=self.config.prune.positive_eps,
+                stop_position=batch.extras.get("stop_position"),
+                stopped_early=batch.extras.get("stopped_early"),
+            )
+        table = broadcast_from_last_stage(table, groups).to(groups.platform.device)
+        flat = gather_across_data_parallel(table.reshape(-1), groups)
+        self.last_sample_stats = flat.reshape(-1, len(COLUMNS)).cpu()
+        return rollout_metrics(self.last_sample_stats)
+
     def _metrics(
         self, batch, mini_batches, loss_sum, num_tokens, global_effective
     ) -> dict[str, float]:
@@ -474,6 +525,7 @@ class Trainer:
             tokens_generated=float(values[5]),
             tokens_scored=float(values[7]),
             tokens_trained=float(values[6]),
+            tokens_trimmed=float(values[3]) - float(values[4]),
             trimmed_fraction=1.0 - float(values[4]) / valid_tokens,
             reverse_kl=float(values[8]) / valid_tokens,
             reverse_kl_topk=float(values[9]) / valid_tokens,
