@@ -21,7 +21,10 @@ def run_evaluation(config: OPDConfig) -> dict:
         raise SystemExit("config error: eval.datasets is empty; list jsonl/parquet files")
     groups = init_distributed(config.parallel, seed=config.training.seed)
     try:
-        tokenizer = load_tokenizer(find_hf_config_dir(config.student.path))
+        tokenizer = load_tokenizer(
+            find_hf_config_dir(config.student.path),
+            chat_template_kwargs=config.data.chat_template_kwargs(),
+        )
         chunks, info = build_model(config.student, groups, role="teacher")  # frozen, eval
         load_model_weights(chunks, config.student, info, groups)
         summaries = evaluate_model(

@@ -181,6 +181,8 @@ def score_rollouts(
     top_k: int,
     micro_batch_size: int,
     vocab_size: int | None = None,
+    student_temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
 ) -> RolloutBatch:
     """Fill the batch's SCORE fields in place (last stage) and return it.
 
@@ -197,6 +199,9 @@ def score_rollouts(
         top_k: K of the top-K sets (``prune.top_k``).
         micro_batch_size: rows per forward pass.
         vocab_size: real vocabulary size (Megatron's padding ids are ignored).
+        student_temperature: the student's logits are divided by it (the rollout's
+            sampling temperature: its log-probs are then the sampling policy's).
+        teacher_temperature: the teacher's logits are divided by it.
     """
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
@@ -236,16 +241,14 @@ def score_rollouts(
             teacher_logits = teacher_logits[:, first - 1 : length - 1]
             targets = mb_tokens[:, first:length, None]
             cols = slice(first, length)
-            s_lp, s_ids, _ = vocab_parallel_topk_log_probs(
-                student_logits, top_k, tp, vocab_size=vocab_size
-            )
-            t_lp, t_ids, _ = vocab_parallel_topk_log_probs(
-                teacher_logits, top_k, tp, vocab_size=vocab_size
-            )
+            student_t = dict(temperature=student_temperature, vocab_size=vocab_size)
+            teacher_t = dict(temperature=teacher_temperature, vocab_size=vocab_size)
+            s_lp, s_ids, _ = vocab_parallel_topk_log_probs(student_logits, top_k, tp, **student_t)
+            t_lp, t_ids, _ = vocab_parallel_topk_log_probs(teacher_logits, top_k, tp, **teacher_t)
             at_ids = torch.cat([targets, s_ids], dim=-1)
-            t_at = vocab_parallel_log_probs(teacher_logits, at_ids, tp, vocab_size=vocab_size)
+            t_at = vocab_parallel_log_probs(teacher_logits, at_ids, tp, **teacher_t)
             s_ids_at = torch.cat([targets, t_ids], dim=-1)
-            s_at = vocab_parallel_log_probs(student_logits, s_ids_at, tp, vocab_size=vocab_size)
+            s_at = vocab_parallel_log_probs(student_logits, s_ids_at, tp, **student_t)
             fields["student_topk_ids"][rows, cols] = s_ids
             fields["student_topk_log_probs"][rows, cols] = s_lp
             fields["student_sampled_log_probs"][rows, cols] = s_at[..., 0]

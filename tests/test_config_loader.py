@@ -216,6 +216,11 @@ def test_wrong_type_names_the_field(override, field_name, what):
         (["teacher.dtype=float16"], ["teacher", "dtype", "bfloat16"]),
         # A cross-section check of OPDConfig itself.
         (["budget.min_len=2048", "rollout.max_new_tokens=1000"], ["budget.min_len"]),
+        # Was clamped silently: the budget could never reach its max_len.
+        (
+            ["budget.max_len=4096", "rollout.max_new_tokens=2048", "budget.min_len=1024"],
+            ["budget.max_len", "rollout.max_new_tokens"],
+        ),
     ],
 )
 def test_bad_value_from_post_init_names_the_field(overrides, words):

@@ -123,6 +123,27 @@ def test_hf_tokenizer_chat_template_and_plain(tmp_path):
     assert plain.decode([1, 4, 5, 2]) == "hello world"
 
 
+def test_qwen3_enable_thinking_reaches_the_chat_template(tmp_path):
+    from megatron_opd.config.data import DataConfig
+
+    # The switch Qwen3's template reads (its generation-prompt branch, abridged).
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}<|im_start|>assistant\n"
+        "{% if enable_thinking is defined and enable_thinking is false %}"
+        "<think>\n\n</think>\n\n{% endif %}"
+    )
+    _write_hf_tokenizer(tmp_path / "qwen3", chat_template=template)
+    default = load_tokenizer(tmp_path / "qwen3")
+    assert default.format_prompt("hello").endswith("<|im_start|>assistant\n")
+    off = DataConfig(enable_thinking=False).chat_template_kwargs()
+    assert off == {"enable_thinking": False} and DataConfig().chat_template_kwargs() == {}
+    no_think = load_tokenizer(tmp_path / "qwen3", chat_template_kwargs=off)
+    assert no_think.format_prompt("hello").endswith(
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
+
+
 def test_check_same_vocabulary(tmp_path, task_tokenizer_dir):
     _write_hf_tokenizer(tmp_path / "a")
     _write_hf_tokenizer(tmp_path / "b")

@@ -89,6 +89,8 @@ def test_gpu_recipes_follow_the_paper_protocol(path: Path):
     assert len(c.eval.datasets) == 5
     assert c.data.train_path.endswith(".parquet") and "dapo" in c.data.train_path.lower()
     assert c.student.dtype == c.teacher.dtype == "bfloat16"
+    assert c.training.weight_decay == 0.01  # verl's actor optimizer default, as released
+    assert c.prune.mode == "released"  # the paper's runs use the authors' objective
     # A whole 8-GPU node splits into replicas, and each replica gets whole prompts.
     model_parallel = c.parallel.tensor_parallel_size * c.parallel.pipeline_parallel_size
     assert GPUS_PER_NODE % model_parallel == 0
@@ -126,6 +128,8 @@ def test_paper_pairs_and_their_budget_start():
     qwen = load("qwen3_4b_base_from_qwen3_4b.yaml")
     assert qwen.student.path.endswith("Qwen3-4B-Base") and qwen.teacher.path.endswith("Qwen3-4B")
     assert qwen.budget.init_len == 1024
+    # The release runs this pair with non-thinking Qwen3 prompts; the R1 pair has no switch.
+    assert qwen.data.enable_thinking is False and r1.data.enable_thinking is None
     for c in (r1, qwen):
         assert (c.prune.threshold, c.prune.w_drop, c.prune.w_base, c.prune.top_k) == (
             0.7,

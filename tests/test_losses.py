@@ -49,8 +49,8 @@ def ref_topk_pg(cur, old, teacher, id_mask, lw, valid, mode, clip=(0.2, 0.2, 3.0
             elif mode == "teacher_p":
                 z = sum(math.exp(teacher[i][t][j]) for j in ids)
                 w = {j: math.exp(teacher[i][t][j]) / z for j in ids}
-            else:
-                w = dict.fromkeys(ids, 1.0)
+            else:  # the release: softmax of zeros over the id set
+                w = dict.fromkeys(ids, 1.0 / len(ids)) if ids else {}
             for j in ids:
                 adv = torch.tensor(-(old[i][t][j] - teacher[i][t][j]) * w[j] * lw[i][t])
                 ratio = torch.exp(cur[i, t, j] - old[i][t][j])
@@ -174,8 +174,23 @@ def test_topk_pg_hand_worked():
     assert metrics["opd/clip_fraction"].item() == 0.0
 
 
+def test_topk_pg_uniform_weight_is_one_over_set_size():
+    # reward_weight none, 4 ids with old - teacher = ln 2 each: A_j = -ln2 / 4 (the release
+    # takes a softmax of zeros over the set), so at ratio 1 the loss is -sum(A) = ln 2.
+    old = torch.full((1, 1, 4), -2.0, dtype=torch.float64)
+    teacher = old - LN2
+    cur = old.clone().requires_grad_()
+    loss, _, _ = topk_reverse_kl_pg_loss(
+        student_log_probs=cur, old_student_log_probs=old, teacher_log_probs=teacher,
+        id_mask=torch.ones(1, 1, 4, dtype=torch.bool), loss_weights=None,
+        valid_mask=torch.tensor([[True]]), reward_weight="none",
+    )  # fmt: skip
+    assert loss.item() == pytest.approx(LN2, rel=1e-6)
+    assert grads(loss, cur)[0, 0].tolist() == pytest.approx([LN2 / 4] * 4, rel=1e-6)
+
+
 def test_topk_pg_clipping_hand_worked():
-    # One id, A = 1 (teacher e times likelier, uniform weight): ratio 1.5 is clipped at 1.2.
+    # One id, A = 1 (teacher e times likelier, uniform weight 1/1): ratio 1.5 is clipped at 1.2.
     old = torch.tensor([[[-1.0]]], dtype=torch.float64)
     teacher = torch.tensor([[[0.0]]], dtype=torch.float64)
     cur = (old + math.log(1.5)).requires_grad_()

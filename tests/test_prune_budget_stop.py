@@ -138,7 +138,9 @@ def test_stopper_truncate_mode_cuts_after_the_stop_point():
     assert stopper.stop_reason.tolist() == [WEIGHT_ZERO] and stopper.stop_position.tolist() == [2]
     # A drift budget stops before the weight reaches 0; later tokens get w = lw = 0.
     budget = OnlineStopper(1, w_drop=0.1, w_base=0.5, mode="truncate", drift_budget=2)
-    out = budget.update(torch.tensor([[True, True, False, True]]), torch.ones(1, 4, dtype=torch.bool))
+    out = budget.update(
+        torch.tensor([[True, True, False, True]]), torch.ones(1, 4, dtype=torch.bool)
+    )
     assert out.weights[0].tolist() == pytest.approx([0.9, 0.8, 0.0, 0.0])
     assert out.loss_weights[0].tolist() == pytest.approx([1.4, 1.3, 0.0, 0.0])
     assert budget.stop_reason.tolist() == [DRIFT_BUDGET] and budget.effective_length.tolist() == [2]

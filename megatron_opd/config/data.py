@@ -25,6 +25,11 @@ class DataConfig:
     """Field holding the reference answer (dotted for nesting, e.g.
     ``reward_model.ground_truth``); None when the prompts have no answers."""
 
+    enable_thinking: bool | None = None
+    """Qwen3-style chat templates: ``enable_thinking`` for ``apply_chat_template``. False
+    gives the non-thinking prompt (an empty ``<think></think>`` block), as the release runs
+    the Qwen3-4B pair; None leaves the template's default. Also used for evaluation."""
+
     max_prompt_length: int = 1024
     """Prompt tokens (after the chat template) allowed; a longer prompt is an error."""
 
@@ -33,6 +38,10 @@ class DataConfig:
 
     seed: int = 1234
     """Seed of the prompt order (reshuffled every epoch from seed and epoch)."""
+
+    def chat_template_kwargs(self) -> dict:
+        """Variables passed to the tokenizer's chat template."""
+        return {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
 
     def __post_init__(self) -> None:
         if self.max_prompt_length < 1:

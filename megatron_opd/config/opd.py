@@ -96,3 +96,9 @@ class OPDConfig:
                 f"budget.min_len ({self.budget.min_len}) exceeds rollout.max_new_tokens "
                 f"({self.rollout.max_new_tokens}); lower budget.min_len or raise the cap"
             )
+        if self.budget.enable and self.budget.max_len > self.rollout.max_new_tokens:
+            raise ValueError(
+                f"budget.max_len ({self.budget.max_len}) exceeds rollout.max_new_tokens "
+                f"({self.rollout.max_new_tokens}), the hard cap of every rollout: the budget "
+                "could never reach it. Lower budget.max_len or raise rollout.max_new_tokens"
+            )

@@ -203,7 +203,8 @@ class LossConfig:
 
     reward_weight: Literal["student_p", "teacher_p", "none"] = "student_p"
     """Weight of each id's reward: softmax over the id set of the rollout-time student
-    log-probs, of the teacher log-probs, or uniform 1."""
+    log-probs, of the teacher log-probs, or uniform ``1 / |id set|`` (the release's softmax
+    of zeros over the set)."""
 
     clip_low: float = 0.2
     """PPO ratio clip below: ratio >= 1 - clip_low."""
@@ -220,6 +221,12 @@ class LossConfig:
     jsd_beta: float = 0.5
     """beta of ``gkd_jsd``: M = beta * teacher + (1 - beta) * student; 0 gives
     KL(teacher || student), 1 gives KL(student || teacher) (TRL's convention)."""
+
+    teacher_temperature: float = 1.0
+    """The teacher's logits are divided by this when scoring (the release's
+    ``teacher_temperature``). The student's scoring and training logits are divided by
+    ``rollout.temperature`` (as the release does), so its log-probs are those of the
+    policy that sampled."""
 
     tail_bucket: bool = True
     """Top-K divergences: add a bucket holding 1 - (top-K mass) for both distributions
@@ -254,5 +261,10 @@ class LossConfig:
             math.isfinite(self.clip_ratio_c) and self.clip_ratio_c > 1.0
         ):
             raise ValueError(f"loss.clip_ratio_c must be > 1 or null, got {self.clip_ratio_c}")
+        if not (math.isfinite(self.teacher_temperature) and self.teacher_temperature > 0):
+            raise ValueError(
+                f"loss.teacher_temperature must be a finite number > 0, got "
+                f"{self.teacher_temperature}"
+            )
         if not (math.isfinite(self.jsd_beta) and 0.0 <= self.jsd_beta <= 1.0):
             raise ValueError(f"loss.jsd_beta must be in [0, 1], got {self.jsd_beta}")

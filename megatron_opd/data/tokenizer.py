@@ -127,7 +127,7 @@ class HFTokenizer:
 
     kind = "hf"
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, *, chat_template_kwargs: dict | None = None) -> None:
         from transformers import AutoTokenizer
 
         directory = Path(directory)
@@ -138,6 +138,8 @@ class HFTokenizer:
                 f"cannot load a Hugging Face tokenizer from {directory}: {err}"
             ) from None
         self.name = str(directory)
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        """Extra variables for the chat template (e.g. Qwen3's ``enable_thinking``)."""
         self.vocab_size = len(self._tok)
         if self._tok.eos_token_id is None:
             raise ValueError(f"tokenizer in {directory} defines no eos_token; set it in its config")
@@ -159,7 +161,9 @@ class HFTokenizer:
         if not self.has_chat_template:
             return plain_prompt_template(problem)
         messages = [{"role": "user", "content": problem}]
-        return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self._tok.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **self.chat_template_kwargs
+        )
 
     def encode_prompt(self, problem: str) -> list[int]:
         ids = self.encode(self.format_prompt(problem))
@@ -169,11 +173,12 @@ class HFTokenizer:
         return self._tok.convert_ids_to_tokens(list(range(self.vocab_size)))
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
+def load_tokenizer(path: str | Path, *, chat_template_kwargs: dict | None = None) -> Tokenizer:
     """Tokenizer of a model directory (or a ``tokenizer.model`` file).
 
     A directory with ``tokenizer.json`` or ``tokenizer_config.json`` loads with Hugging
-    Face; otherwise one with ``tokenizer.model`` loads with SentencePiece.
+    Face; otherwise one with ``tokenizer.model`` loads with SentencePiece (no chat
+    template: ``chat_template_kwargs`` only reach Hugging Face chat templates).
     """
     path = Path(path)
     if path.is_file() and path.name.endswith(".model"):
@@ -181,7 +186,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if not path.is_dir():
         raise ValueError(f"tokenizer path {path} is neither a directory nor a .model file")
     if any((path / name).is_file() for name in HF_TOKENIZER_FILES):
-        return HFTokenizer(path)
+        return HFTokenizer(path, chat_template_kwargs=chat_template_kwargs)
     if (path / SENTENCEPIECE_FILE).is_file():
         return SentencePieceTokenizer(path / SENTENCEPIECE_FILE)
     raise ValueError(

@@ -344,10 +344,20 @@ def long_task_settings(seed: int = 0, *, quick: bool = False) -> DemoAssetSettin
             num_eval_problems=64,
             num_train_prompts=256,
             tokenizer_vocab_size=48,
-            teacher=TinyModelShape(num_layers=1, hidden_size=64, num_attention_heads=2,
-                                   num_key_value_heads=2, intermediate_size=128),  # fmt: skip
-            student=TinyModelShape(num_layers=1, hidden_size=32, num_attention_heads=2,
-                                   num_key_value_heads=2, intermediate_size=64),  # fmt: skip
+            teacher=TinyModelShape(
+                num_layers=1,
+                hidden_size=64,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                intermediate_size=128,
+            ),  # fmt: skip
+            student=TinyModelShape(
+                num_layers=1,
+                hidden_size=32,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                intermediate_size=64,
+            ),  # fmt: skip
             teacher_max_steps=60,
             teacher_eval_every_steps=60,
             teacher_min_eval_steps=60,
@@ -370,10 +380,20 @@ def long_task_settings(seed: int = 0, *, quick: bool = False) -> DemoAssetSettin
         num_check_problems=128,
         num_train_prompts=4000,
         tokenizer_vocab_size=48,
-        teacher=TinyModelShape(num_layers=2, hidden_size=128, num_attention_heads=4,
-                               num_key_value_heads=2, intermediate_size=384),  # fmt: skip
-        student=TinyModelShape(num_layers=2, hidden_size=64, num_attention_heads=4,
-                               num_key_value_heads=2, intermediate_size=192),  # fmt: skip
+        teacher=TinyModelShape(
+            num_layers=2,
+            hidden_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=384,
+        ),  # fmt: skip
+        student=TinyModelShape(
+            num_layers=2,
+            hidden_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=192,
+        ),  # fmt: skip
         teacher_max_steps=2500,
         teacher_eval_every_steps=150,
         teacher_min_eval_steps=750,
@@ -507,8 +527,8 @@ def make_demo_assets(
             num_problems=s.num_eval_problems, seed=s.seed, min_size=s.min_size, max_size=s.max_size
         )
         splits_dir = out_dir / "prompts"
-        split_fp = _fingerprint({**common, "part": "splits", **sizes, **task_key,
-                                 "eval": s.num_eval_problems, "train": s.num_train_prompts})  # fmt: skip
+        counts = {"eval": s.num_eval_problems, "train": s.num_train_prompts}
+        split_fp = _fingerprint({**common, "part": "splits", **sizes, **task_key, **counts})
         if not _is_current(splits_dir, split_fp):
             tmp = _fresh_tmp(splits_dir)
             # A seed offset keeps the distillation prompts a different stream from SFT's.

@@ -5,7 +5,9 @@
 
 Builds the run, optionally evaluates the teacher and the untrained student, trains,
 evaluates the student again, exports it (``checkpoint.export_hf_dir``) and (rank 0) writes
-a JSON report: per-step history, evaluation summaries and wall time per phase.
+a JSON report: per-step history, evaluation summaries, wall time per phase and, with
+``--samples``, every step's per-sample table (:mod:`megatron_opd.training.rollout_stats`).
+Evaluations run outside the steps' clocks.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--report", required=True)
     parser.add_argument("--eval-before", action="store_true")
+    parser.add_argument("--samples", action="store_true", help="keep per-sample step tables")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
@@ -52,6 +55,11 @@ def main(argv: list[str] | None = None) -> None:
             )
             return next(iter(summaries.values()))
 
+        tables: list[dict] = []
+        if args.samples:
+            trainer.step_callbacks.append(
+                lambda t, _: tables.append({"step": t.step, "rows": t.last_sample_stats.tolist()})
+            )
         evals: dict[str, dict] = {}
         if args.eval_before:
             t = time.perf_counter()
@@ -66,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         evals["student_after"] = evaluate(trainer.student[0].module)
         times["eval_after_s"] = time.perf_counter() - t
         during = [
-            {"step": e["step"], "pass@1": e[key]}
+            {"step": e["step"], "pass@1": e[key], "eval_seconds": e.get("eval_seconds", 0.0)}
             for e in trainer.eval_history
             for key in e
             if key.endswith("/pass@1")
@@ -75,6 +83,10 @@ def main(argv: list[str] | None = None) -> None:
         components.log.close()
         if groups.rank == 0:
             report = {"history": history, "evals": evals, "evals_during": during, "times": times}
+            if args.samples:
+                from megatron_opd.training.rollout_stats import COLUMNS
+
+                report["samples"] = {"columns": list(COLUMNS), "steps": tables}
             Path(args.report).write_text(json.dumps(report, indent=1))
     finally:
         destroy_distributed()

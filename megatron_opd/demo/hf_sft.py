@@ -123,9 +123,7 @@ def generate_greedy(
     return responses
 
 
-def greedy_accuracy(
-    model, tokenizer: Tokenizer, problems: list, *, max_new_tokens: int
-) -> float:
+def greedy_accuracy(model, tokenizer: Tokenizer, problems: list, *, max_new_tokens: int) -> float:
     """Fraction of ``problems`` solved by greedy decoding (graded with math-verify)."""
     responses = generate_greedy(
         model, tokenizer, [p.problem for p in problems], max_new_tokens=max_new_tokens

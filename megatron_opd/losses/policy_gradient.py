@@ -7,7 +7,7 @@ each response position t and each id j of the id set (see ``id_set.py``):
 
 where ``pi_s_old`` are the rollout-time student log-probs (detached), ``w`` the
 softmax over the (masked) id set of the rollout-time student log-probs (``student_p``),
-of the teacher log-probs (``teacher_p``), or 1 (``none``), and ``lw`` the Prune-OPD
+of the teacher log-probs (``teacher_p``), or ``1 / |set|`` (``none``), and ``lw`` the Prune-OPD
 loss weight. No critic, no group baseline: ``A = r``. The loss is the PPO clipped
 surrogate of the *current* student log-probs at the same ids against the old ones,
 summed over the id set and token-mean aggregated (Megatron divides the returned sum by
@@ -61,8 +61,8 @@ def topk_rewards(
         weight = masked_log_softmax(old, mask).exp()
     elif reward_weight == "teacher_p":
         weight = masked_log_softmax(teacher, mask).exp()
-    else:
-        weight = torch.ones_like(old)
+    else:  # uniform over the id set: the release's softmax of zeros, 1 / |set|
+        weight = masked_log_softmax(torch.zeros_like(old), mask).exp()
     lw = token_weights(loss_weights, valid_mask)
     reward = -torch.where(mask, old - teacher, 0.0) * weight
     return torch.where(mask, reward * lw[..., None], 0.0)

@@ -264,7 +264,9 @@ def reliability_weights(
     )
     valid = valid_mask.bool()
     columns = torch.arange(bad_events.shape[1], device=bad_events.device)
-    stop_position = torch.where(out.stop_here, columns, -1).amax(dim=-1) if columns.numel() else zeros - 1
+    stop_position = (
+        torch.where(out.stop_here, columns, -1).amax(dim=-1) if columns.numel() else zeros - 1
+    )
     return ReliabilityWeights(
         weights=out.weights,
         loss_weights=out.loss_weights,

@@ -48,6 +48,7 @@ class ChunkScorer:
         prune_config,
         *,
         vocab_size: int | None = None,
+        teacher_temperature: float = 1.0,
     ) -> None:
         """
         Args:
@@ -56,7 +57,9 @@ class ChunkScorer:
             prune_config: the ``prune`` section (:class:`~megatron_opd.config.prune.
                 PruneConfig`): metric, threshold, top_k, weights and stop rules.
             vocab_size: real vocabulary size (padding ids never enter a top-K).
+            teacher_temperature: the teacher's logits are divided by it (as in scoring).
         """
+        self.teacher_temperature = float(teacher_temperature)
         self.teacher = teacher
         self.groups = groups
         self.config = prune_config
@@ -161,6 +164,7 @@ class ChunkScorer:
             self.student_top_k,
             groups.tp_group,
             vocab_size=self.vocab_size,
+            temperature=self.teacher_temperature,
         )
         valid = chunk.valid_mask().to(predictions.device)
         bad, overlap = drift_events(

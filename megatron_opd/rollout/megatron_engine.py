@@ -30,9 +30,10 @@ Parallelism (process groups come from :class:`ParallelGroups`, never from global
   are still running. Sampled log-probs and student top-K ids live on the last stage
   only (None elsewhere).
 
-Recorded log-probs are ``log_softmax`` of the raw (temperature 1, unfiltered) logits at
-the sampled id: the behaviour policy of the PPO ratio, whatever temperature / top-p the
-sampler used.
+Recorded log-probs are ``log_softmax(logits / temperature)`` (unfiltered by top-p; the
+raw logits for greedy decoding) at the sampled id: the sampling policy, the one the
+trainer's scoring and training log-probs are taken under (the release divides them by
+the rollout temperature too).
 """
 
 from __future__ import annotations
@@ -236,7 +237,8 @@ class MegatronRolloutEngine:
                 next_ids = sample_next_tokens(
                     raw, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator
                 )
-                log_softmax = raw.log_softmax(dim=-1)
+                scaled = raw / cfg.temperature if cfg.temperature > 0 else raw
+                log_softmax = scaled.log_softmax(dim=-1)
                 out_log_probs[running, step] = log_softmax.gather(1, next_ids[:, None])[:, 0]
                 if out_topk is not None:
                     # The ops' exact top-K (ties to the lower id) matches scoring's choice.

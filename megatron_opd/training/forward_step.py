@@ -13,6 +13,10 @@ between forwards. With several updates per rollout (``training.num_mini_batches`
 scoring pass's student log-probs (same model and kernels as training, before this step's
 first update), and the PPO ratio and clip bound how far each update moves.
 
+Temperature. As in the authors' release, the student's training (and scoring) logits are
+divided by the rollout's sampling temperature, so the log-probs the loss moves are those
+of the policy that sampled (and the teacher's by ``loss.teacher_temperature``).
+
 The loss is summed over tokens and the returned ``num_tokens`` is the micro-batch's share
 of the *untrimmed* valid-token count, so with ``calculate_per_token_loss`` Megatron divides
 the gradients by the same normaliser whether or not the batch was trimmed.
@@ -90,16 +94,19 @@ def compute_micro_batch_loss(
     tp_group,
     vocab_size: int,
     old_from_scoring: bool = False,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """``(loss_sum, num_tokens, report)`` of one micro-batch from its sharded logits;
     ``old_from_scoring``: PPO old log-probs from scoring instead of the detached current ones
-    (module essay)."""
+    (module essay); ``temperature``: the logits are divided by it (the rollout's)."""
     inputs = micro_batch.loss_inputs
     valid = inputs["valid_mask"].bool()
     loss_weights = inputs["loss_weights"].to(torch.float32)
     if loss_config.kind == "sampled_reverse_kl_pg":
         ids = inputs["target_ids"][..., None]
-        student = vocab_parallel_log_probs(logits, ids, tp_group, vocab_size=vocab_size)[..., 0]
+        student = vocab_parallel_log_probs(
+            logits, ids, tp_group, vocab_size=vocab_size, temperature=temperature
+        )[..., 0]
         tensors = {
             "student_log_probs": student,
             "old_student_log_probs": inputs["student_sampled_log_probs"].to(torch.float32)
@@ -109,7 +116,9 @@ def compute_micro_batch_loss(
         }
     else:
         ids, id_mask, teacher = _ids_and_teacher_log_probs(loss_config, inputs)
-        student = vocab_parallel_log_probs(logits, ids, tp_group, vocab_size=vocab_size)
+        student = vocab_parallel_log_probs(
+            logits, ids, tp_group, vocab_size=vocab_size, temperature=temperature
+        )
         tensors = {"student_log_probs": student, "teacher_log_probs": teacher.to(torch.float32)}
         if loss_config.kind == "topk_reverse_kl_pg":
             tensors["old_student_log_probs"] = (
@@ -138,9 +147,10 @@ def make_forward_step(
     is_last_stage: bool,
     device: torch.device,
     old_from_scoring: bool = False,
+    temperature: float = 1.0,
 ) -> Callable:
-    """The ``forward_step_func`` for ``get_forward_backward_func()`` (``old_from_scoring``: see
-    :func:`compute_micro_batch_loss`)."""
+    """The ``forward_step_func`` for ``get_forward_backward_func()`` (``old_from_scoring``,
+    ``temperature``: see :func:`compute_micro_batch_loss`)."""
 
     def forward_step(data_iterator: Iterator[TrainMicroBatch], model):
         micro_batch = next(data_iterator).to(device)
@@ -155,6 +165,7 @@ def make_forward_step(
                 tp_group=tp_group,
                 vocab_size=vocab_size,
                 old_from_scoring=old_from_scoring,
+                temperature=temperature,
             )
 
         return output, loss_func

@@ -111,7 +111,7 @@ def build_components(config: OPDConfig, groups: ParallelGroups) -> RunComponents
     student_dir = find_hf_config_dir(config.student.path)
     teacher_dir = find_hf_config_dir(config.teacher.path)
     check_vocab_compatible(student_dir, teacher_dir)
-    tokenizer = load_tokenizer(student_dir)
+    tokenizer = load_tokenizer(student_dir, chat_template_kwargs=config.data.chat_template_kwargs())
 
     student_chunks, student_info = build_model(config.student, groups, role="student")
     load_model_weights(student_chunks, config.student, student_info, groups)
@@ -205,7 +205,11 @@ def build_components(config: OPDConfig, groups: ParallelGroups) -> RunComponents
         dataset=dataset,
         log=log,
         make_chunk_listener=lambda: ChunkScorer(
-            teacher_chunks[0], groups, config.prune, vocab_size=student_info.vocab_size
+            teacher_chunks[0],
+            groups,
+            config.prune,
+            vocab_size=student_info.vocab_size,
+            teacher_temperature=config.loss.teacher_temperature,
         ),
         score_micro_batch_size=config.training.max_micro_batch_rows,
         teacher_onload=(lambda: onload(teacher_chunks, groups.platform.device))

@@ -79,6 +79,9 @@ class Trainer:
         self.eval_history: list[dict[str, float]] = []
         """``eval.interval`` evaluations of this process's run: ``{"step", "eval/<set>/..."}``."""
         self.updates_per_step = config.training.num_mini_batches * config.training.num_epochs
+        self.student_temperature = config.rollout.temperature or 1.0
+        """The rollout's sampling temperature (greedy rollouts: 1); divides the student's
+        scoring and training logits, as in the release."""
         self._forward_step = make_forward_step(
             loss_config=config.loss,
             tp_group=groups.tp_group,
@@ -86,7 +89,11 @@ class Trainer:
             is_last_stage=groups.is_last_stage,
             device=groups.platform.device,
             old_from_scoring=self.updates_per_step > 1,
+            temperature=self.student_temperature,
         )
+        self.step_callbacks: list = []
+        """Called as ``callback(trainer, metrics)`` after every completed step (all ranks),
+        before evaluation and checkpointing: e.g. a benchmark collecting per-sample stats."""
         self.last_sample_stats: torch.Tensor | None = None
         """``[n, 7]`` per-sample facts of the last step's global batch
         (:data:`~megatron_opd.training.rollout_stats.COLUMNS`), on every rank."""
@@ -195,7 +202,9 @@ class Trainer:
         cfg = self.config
         self.c.engine.sync_weights()  # an external engine (vLLM) starts from these weights
         while self.step < cfg.training.num_steps:
+            start = time.perf_counter()
             metrics = self.train_step()
+            metrics["time_step_wall_s"] = time.perf_counter() - start
             self.step += 1
             self.history.append({"step": self.step, **metrics})
             self.c.log.log(self.step, metrics)
@@ -217,9 +226,14 @@ class Trainer:
                     )
                 continue
             self.consecutive_bad_steps = 0
+            for callback in self.step_callbacks:
+                callback(self, metrics)
             if cfg.eval.interval and cfg.eval.datasets and self.step % cfg.eval.interval == 0:
+                start = time.perf_counter()
                 scores = self.evaluate()
-                self.eval_history.append({"step": self.step, **scores})
+                self.eval_history.append(
+                    {"step": self.step, **scores, "eval_seconds": time.perf_counter() - start}
+                )
                 self.c.log.log_extra(self.step, scores)
             interval = cfg.checkpoint.save_interval
             if interval and self.step % interval == 0:
@@ -327,6 +341,8 @@ class Trainer:
                 top_k=cfg.prune.top_k,
                 micro_batch_size=self.c.score_micro_batch_size,
                 vocab_size=self.c.vocab_size,
+                student_temperature=self.student_temperature,
+                teacher_temperature=cfg.loss.teacher_temperature,
             )
             self.c.teacher_offload()
         return batch
