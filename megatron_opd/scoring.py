@@ -176,7 +176,7 @@ def score_rollouts(
     batch: RolloutBatch,
     *,
     student: torch.nn.Module,
-    teacher: torch.nn.Module,
+    teacher: torch.nn.Module | None,
     groups: ParallelGroups,
     top_k: int,
     micro_batch_size: int,
@@ -191,6 +191,11 @@ def score_rollouts(
     ``student_log_probs_at_teacher_ids``, ``teacher_sampled_log_probs`` and
     ``overlap_ratio``; every value is 0 off the response
     (see :class:`RolloutBatch`). Other stages only run their layers; their fields stay None.
+
+    ``teacher=None``: the teacher fields and ``student_topk_ids`` are already in the batch
+    (fused teacher scoring during a chunked rollout,
+    :meth:`~megatron_opd.rollout.chunk_scorer.ChunkScorer.fill_scores`), so only the
+    student runs, and its log-probs are taken at those ids.
 
     Args:
         batch: tokens and lengths on every stage (identical on all ranks of a replica).
@@ -211,22 +216,34 @@ def score_rollouts(
     tokens = batch.tokens.to(device)
     b, s = tokens.shape
     last = groups.is_last_stage
+    fused = teacher is None
+    if fused and last and (batch.teacher_topk_ids is None or batch.student_topk_ids is None):
+        raise ValueError(
+            "score_rollouts(teacher=None) needs the teacher's scores and the student's top-K "
+            "ids in the batch (ChunkScorer.fill_scores); pass the teacher to score it here"
+        )
     if last:
         f32 = dict(dtype=torch.float32, device=device)
         fields = {
-            "student_topk_ids": torch.zeros(b, s, top_k, dtype=torch.long, device=device),
             "student_topk_log_probs": torch.zeros(b, s, top_k, **f32),
             "student_sampled_log_probs": torch.zeros(b, s, **f32),
-            "teacher_topk_ids": torch.zeros(b, s, top_k, dtype=torch.long, device=device),
-            "teacher_topk_log_probs": torch.zeros(b, s, top_k, **f32),
-            "teacher_log_probs_at_student_ids": torch.zeros(b, s, top_k, **f32),
             "student_log_probs_at_teacher_ids": torch.zeros(b, s, top_k, **f32),
-            "teacher_sampled_log_probs": torch.zeros(b, s, **f32),
         }
+        if not fused:
+            fields.update(
+                student_topk_ids=torch.zeros(b, s, top_k, dtype=torch.long, device=device),
+                teacher_topk_ids=torch.zeros(b, s, top_k, dtype=torch.long, device=device),
+                teacher_topk_log_probs=torch.zeros(b, s, top_k, **f32),
+                teacher_log_probs_at_student_ids=torch.zeros(b, s, top_k, **f32),
+                teacher_sampled_log_probs=torch.zeros(b, s, **f32),
+            )
     total = batch.total_lengths().to(device)
     prompt = batch.prompt_lengths.to(device)
     tp = groups.tp_group
-    with eval_without_sequence_parallel(student), eval_without_sequence_parallel(teacher):
+    models = (student,) if fused else (student, teacher)
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            stack.enter_context(eval_without_sequence_parallel(model))
         for begin in range(0, b, micro_batch_size):
             rows = slice(begin, min(b, begin + micro_batch_size))
             length = int(total[rows].max())
@@ -234,14 +251,24 @@ def score_rollouts(
             first = max(int(prompt[rows].min()), 1)
             mb_tokens = tokens[rows, :length]
             student_logits = model_logits(student, mb_tokens, groups)
-            teacher_logits = model_logits(teacher, mb_tokens, groups)
+            teacher_logits = None if fused else model_logits(teacher, mb_tokens, groups)
             if not last:
                 continue
             student_logits = student_logits[:, first - 1 : length - 1]
-            teacher_logits = teacher_logits[:, first - 1 : length - 1]
             targets = mb_tokens[:, first:length, None]
             cols = slice(first, length)
             student_t = dict(temperature=student_temperature, vocab_size=vocab_size)
+            if fused:
+                s_ids = batch.student_topk_ids[rows, cols].to(device)
+                t_ids = batch.teacher_topk_ids[rows, cols].to(device)
+                s_at = vocab_parallel_log_probs(
+                    student_logits, torch.cat([targets, s_ids, t_ids], dim=-1), tp, **student_t
+                )
+                fields["student_topk_log_probs"][rows, cols] = s_at[..., 1 : 1 + top_k]
+                fields["student_sampled_log_probs"][rows, cols] = s_at[..., 0]
+                fields["student_log_probs_at_teacher_ids"][rows, cols] = s_at[..., 1 + top_k :]
+                continue
+            teacher_logits = teacher_logits[:, first - 1 : length - 1]
             teacher_t = dict(temperature=teacher_temperature, vocab_size=vocab_size)
             s_lp, s_ids, _ = vocab_parallel_topk_log_probs(student_logits, top_k, tp, **student_t)
             t_lp, t_ids, _ = vocab_parallel_topk_log_probs(teacher_logits, top_k, tp, **teacher_t)

@@ -8,6 +8,8 @@ full-vocabulary torch ops. Layouts: TP=1 (one process), TP=2 and PP=2 (two proce
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from test_rollout_models import VOCAB_SIZE, build_tiny_gpt, full_logits
@@ -20,6 +22,11 @@ NUM_NEW = 10
 STUDENT_SEED, TEACHER_NOISE_SEED = 11, 12
 TOP_K = 8
 TAU, W_DROP = 0.75, 0.34
+SCORE_FIELDS = (
+    "student_topk_ids", "student_topk_log_probs", "student_sampled_log_probs",
+    "student_log_probs_at_teacher_ids", "teacher_topk_ids", "teacher_topk_log_probs",
+    "teacher_log_probs_at_student_ids", "teacher_sampled_log_probs", "overlap_ratio",
+)  # fmt: skip
 SAMPLED = dict(temperature=1.0, top_p=0.9, n=2, seed=7, generation_batch_size=3)
 
 
@@ -184,6 +191,13 @@ def _engine_cases(groups, student, teacher, eos):
                      generation_batch_size=5)  # fmt: skip
     chunked = engine.generate(PROMPTS, max_new_tokens=NUM_NEW, seed=9, chunk_listener=scorer)
     scorer.fill_batch(chunked)
+    # Fused teacher scoring: the chunk scorer's teacher scores + a student-only pass equal a
+    # full scoring pass with the teacher.
+    fused = scorer.fill_scores(copy.deepcopy(chunked))
+    score_rollouts(
+        fused, student=student, teacher=None, groups=groups, top_k=TOP_K, micro_batch_size=2,
+        vocab_size=VOCAB_SIZE,
+    )  # fmt: skip
     res["chunk_lengths"] = chunked.response_lengths.tolist()
     res["chunk_rows"] = [tokens for tokens, _ in _rows(chunked)]
     if groups.is_last_stage:
@@ -200,6 +214,9 @@ def _engine_cases(groups, student, teacher, eos):
             student_topk_ids=chunked.student_topk_ids, teacher_topk_ids=chunked.teacher_topk_ids,
         )  # fmt: skip
         full = reliability_weights(bad, mask, W_DROP, 0.0)
+        res["fused_scores"] = {
+            name: (getattr(fused, name), getattr(chunked, name)) for name in SCORE_FIELDS
+        }
         res["chunk_weights"] = {
             "online": online,
             "full": (full.weights, chunked.overlap_ratio, full.effective_length),
@@ -393,6 +410,19 @@ def test_chunked_online_stop_equals_full_scoring(runs, layout):
         assert any(n < NUM_NEW for n in stopped)
         assert any(at_eos and n % 3 != 0 for n, at_eos in zip(lengths, ended_at_eos))
         assert any(why == 0 for why in res["stop_reason"])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fused_teacher_scoring_equals_a_teacher_pass(runs, layout):
+    _, results = runs
+    for res in results[layout]:
+        if not res["last"]:
+            continue
+        for name, (fused, separate) in res["fused_scores"].items():
+            if fused.dtype == torch.long:
+                assert torch.equal(fused, separate), name
+            else:
+                torch.testing.assert_close(fused, separate, atol=2e-5, rtol=0, msg=name)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m megatron_opd.demo.distill")
     parser.add_argument("--config", required=True)
     parser.add_argument("--report", required=True)
-    parser.add_argument("--eval-before", action="store_true")
+    parser.add_argument("--eval-before", action="store_true", help="evaluate the student first")
+    parser.add_argument("--eval-teacher", action="store_true", help="evaluate the teacher first")
     parser.add_argument("--samples", action="store_true", help="keep per-sample step tables")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
@@ -61,11 +62,12 @@ def main(argv: list[str] | None = None) -> None:
                 lambda t, _: tables.append({"step": t.step, "rows": t.last_sample_stats.tolist()})
             )
         evals: dict[str, dict] = {}
-        if args.eval_before:
-            t = time.perf_counter()
+        t = time.perf_counter()
+        if args.eval_teacher:
             evals["teacher"] = evaluate(components.teacher_chunks[0])
+        if args.eval_before:
             evals["student_before"] = evaluate(trainer.student[0].module)
-            times["eval_before_s"] = time.perf_counter() - t
+        times["eval_before_s"] = time.perf_counter() - t
         t = time.perf_counter()
         components.log.message("distilling ...")
         history = trainer.train()

@@ -114,7 +114,7 @@ def _launch(config: dict, run_dir: Path, *, eval_before: bool) -> dict:
         "-m", "megatron_opd.demo.distill", "--config", str(config_path), "--report", str(report),
     ]  # fmt: skip
     if eval_before:
-        command.append("--eval-before")
+        command += ["--eval-before", "--eval-teacher"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(command, env=env)
     if result.returncode != 0:

@@ -21,6 +21,14 @@ on the last pipeline stage and broadcast over the pipeline group.
 The weights it accumulates equal those of scoring the finished rollout as a whole
 (:func:`~megatron_opd.scoring.score_rollouts` + ``reliability_weights``): same top-K op,
 same integer drift counts. :meth:`ChunkScorer.fill_batch` writes them into the batch.
+
+Fused teacher scoring. Every generated token passes through the teacher here, so the
+scorer also keeps what the SCORE stage needs from the teacher: its top-K ids and
+log-probs, and its log-probs at the sampled token and at the student's top-K ids (the
+ids the rollout engine recorded at each decode step, from the same weights).
+:meth:`ChunkScorer.fill_scores` writes them into the batch, and
+:func:`~megatron_opd.scoring.score_rollouts` then runs only the student: the teacher
+reads each response once per step instead of twice.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd.distributed import ParallelGroups
-from megatron_opd.ops.vocab_parallel import vocab_parallel_topk_log_probs
+from megatron_opd.ops.vocab_parallel import vocab_parallel_log_probs, vocab_parallel_topk_log_probs
 from megatron_opd.prune.compat import drift_events
 from megatron_opd.prune.online_stop import OnlineStopper
 from megatron_opd.prune.weights import ReliabilityWeights
@@ -66,6 +74,7 @@ class ChunkScorer:
         self.vocab_size = vocab_size
         self.student_top_k = int(prune_config.top_k)
         self.stopper: OnlineStopper | None = None
+        self._records: list[tuple[torch.Tensor, int, torch.Tensor, dict[str, torch.Tensor]]] = []
         self.stopped_early = torch.zeros(0, dtype=torch.bool)
         """``[b]`` bool: generation of the sample was ended by the online stop (before its
         EOS and its token budget); on every rank."""
@@ -85,6 +94,7 @@ class ChunkScorer:
             )
             self.stopped_early = torch.zeros(prompts.num_samples, dtype=torch.bool, device=device)
             self._overlap = {}
+            self._records = []
         tokens = prompts.prompt_tokens.to(device)
         m, p = tokens.shape
         total = p + prompts.max_new_tokens
@@ -176,6 +186,21 @@ class ChunkScorer:
             sampled_ids=chunk.tokens.to(predictions.device),
             teacher_topk_log_probs=teacher_log_probs,
         )
+        if chunk.student_topk_ids is not None:
+            ids = torch.cat([chunk.tokens.to(predictions.device)[..., None],
+                             chunk.student_topk_ids], dim=-1)  # fmt: skip
+            at_ids = vocab_parallel_log_probs(
+                predictions[..., start:end], ids, groups.tp_group,
+                vocab_size=self.vocab_size, temperature=self.teacher_temperature,
+            )  # fmt: skip
+            scores = {
+                "teacher_topk_ids": teacher_ids,
+                "teacher_topk_log_probs": teacher_log_probs,
+                "teacher_sampled_log_probs": at_ids[..., 0],
+                "teacher_log_probs_at_student_ids": at_ids[..., 1:],
+                "student_topk_ids": chunk.student_topk_ids,
+            }
+            self._records.append((chunk.sample_index, chunk.start, chunk.lengths, scores))
         result = self.stopper.update(bad, valid, sample_index=chunk.sample_index)
         if overlap is not None:
             for row, sample in enumerate(chunk.sample_index.tolist()):
@@ -189,6 +214,39 @@ class ChunkScorer:
         if self.stopper is None:
             raise ValueError("ChunkScorer.result() before any generation")
         return self.stopper.result()
+
+    def fill_scores(self, batch: RolloutBatch) -> RolloutBatch:
+        """Write the teacher's SCORE fields (``teacher_topk_ids``, ``teacher_topk_log_probs``,
+        ``teacher_sampled_log_probs``, ``teacher_log_probs_at_student_ids``) and the
+        rollout's ``student_topk_ids`` into ``batch``, in place; 0 off the response; last
+        stage only (other stages hold no scores)."""
+        if not self.groups.is_last_stage:
+            return batch
+        if not self._records:
+            raise ValueError(
+                "ChunkScorer.fill_scores: no teacher scores were kept (the engine recorded no "
+                "student top-K ids); score the batch with score_rollouts and a teacher"
+            )
+        b, s = batch.tokens.shape
+        device = batch.tokens.device
+        prompt = batch.prompt_lengths.to(device)
+        out: dict[str, torch.Tensor] = {}
+        for sample_index, start, lengths, scores in self._records:
+            rows = sample_index.to(device)
+            c = next(iter(scores.values())).shape[1]
+            offsets = torch.arange(c, device=device)
+            keep = offsets[None, :] < lengths.to(device)[:, None]  # [r, c]
+            cols = (prompt[rows][:, None] + start + offsets[None, :])[keep]
+            at_rows = rows[:, None].expand(-1, c)[keep]
+            for name, value in scores.items():
+                if name not in out:
+                    out[name] = torch.zeros(b, s, *value.shape[2:], dtype=value.dtype,
+                                            device=device)  # fmt: skip
+                out[name][at_rows, cols] = value.to(device)[keep]
+        for name, value in out.items():
+            setattr(batch, name, value)
+        batch.extras["teacher_scored"] = True
+        return batch
 
     def fill_batch(self, batch: RolloutBatch) -> RolloutBatch:
         """Write ``weights``, ``loss_weights``, ``effective_lengths`` (and ``overlap_ratio``

@@ -4,9 +4,11 @@ One :meth:`Trainer.train_step` is one rollout and its optimizer updates:
 
 1. this data-parallel rank takes its prompts of the step;
 2. the student samples ``n`` responses per prompt, at most ``budget.current`` new tokens
-   (chunked online stop when ``rollout.chunk_size > 0``);
+   (chunked online stop when ``rollout.chunk_size > 0``: the teacher scores each chunk as
+   it is generated, and those scores are kept);
 3. student and teacher score every response token (last pipeline stage,
-   vocabulary-parallel); drift events give reliability weights and loss weights;
+   vocabulary-parallel; with chunked rollouts only the student runs here); drift events
+   give reliability weights and loss weights;
 4. effective lengths of the whole global batch update the ResponseBudget (identically
    on every rank);
 5. the samples are split into ``training.num_mini_batches`` mini-batches; for each, the
@@ -331,12 +333,16 @@ class Trainer:
             batch.answers = [answers[i] for i in batch.prompt_index.tolist()]
             if listener is not None:
                 batch.extras["stopped_early"] = listener.stopped_early.clone()
+                # The teacher already read every generated token chunk by chunk: its scores
+                # are kept, and scoring runs only the student (fused teacher scoring).
+                listener.fill_scores(batch)
         with _timed(timers, "score"):
-            self.c.teacher_onload()
+            if listener is None:
+                self.c.teacher_onload()
             score_rollouts(
                 batch,
                 student=self.student[0].module,
-                teacher=self.c.teacher_chunks[0],
+                teacher=None if listener is not None else self.c.teacher_chunks[0],
                 groups=groups,
                 top_k=cfg.prune.top_k,
                 micro_batch_size=self.c.score_micro_batch_size,
@@ -344,7 +350,8 @@ class Trainer:
                 student_temperature=self.student_temperature,
                 teacher_temperature=cfg.loss.teacher_temperature,
             )
-            self.c.teacher_offload()
+            if listener is None:
+                self.c.teacher_offload()
         return batch
 
     # ------------------------------------------------------------------ pieces
