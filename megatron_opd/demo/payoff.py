@@ -127,3 +127,44 @@ def payoff_summary(curves: dict[str, Curve], baseline: str, num_problems: int) -
             "equal_accuracy": abs(final - base_final) <= max(base_se, 1e-12),
         }
     return summary
+
+
+def mechanism_savings(pruned: dict, plain: dict) -> dict[str, float]:
+    """Generated tokens each mechanism saved, estimated sample by sample.
+
+    ``pruned`` and ``plain`` are two runs' ``report["samples"]`` (per-sample tables of every
+    step) with the same data and rollout seeds, so row ``i`` of step ``k`` answers the same
+    prompt in both. The counterfactual length of a sample is what plain OPD generated for
+    that prompt at that step:
+
+    - ``stop``: samples ended by the online stop, ``sum(max(0, L_plain - L))``;
+    - ``budget``: samples that ended at the step's budget (not stopped),
+      ``sum(max(0, L_plain - L))``;
+    - ``trimmed``: not an estimate: generated tokens cut from training (after stop points).
+
+    Also the exact counts ``samples_stopped``, ``samples_at_budget`` and the measured
+    difference of all generated tokens, ``total``.
+    """
+    from megatron_opd.training.rollout_stats import COLUMNS
+
+    col = {name: i for i, name in enumerate(COLUMNS)}
+    plain_steps = {s["step"]: s["rows"] for s in plain["steps"]}
+    out = {"stop": 0.0, "budget": 0.0, "samples_stopped": 0.0, "samples_at_budget": 0.0,
+           "total": 0.0}  # fmt: skip
+    for step in pruned["steps"]:
+        reference = plain_steps.get(step["step"])
+        if reference is None or len(reference) != len(step["rows"]):
+            raise ValueError(
+                f"step {step['step']}: the runs' batches differ; mechanism_savings needs two "
+                "runs with the same data seed, rollout seed and batch size"
+            )
+        for row, ref in zip(step["rows"], reference):
+            gain = max(0.0, float(ref[col["response_length"]] - row[col["response_length"]]))
+            if row[col["stopped_early"]]:
+                out["stop"] += gain
+                out["samples_stopped"] += 1
+            elif row[col["hit_cap"]]:
+                out["budget"] += gain
+                out["samples_at_budget"] += 1
+            out["total"] += ref[col["response_length"]] - row[col["response_length"]]
+    return out

@@ -4,9 +4,10 @@
    arithmetic, worked step-by-step solutions, boxed answers), a SentencePiece tokenizer
    trained on it, a teacher trained by SFT until it solves >= 90 % of held-out problems,
    and a smaller student SFT'd only briefly (visibly worse).
-2. Prune-OPD at TP=2 across two processes (torchrun): chunked rollouts with online stop,
-   teacher scoring, drift weights, dynamic budget, trimmed training. The teacher and the
-   untrained student are evaluated first.
+2. Prune-OPD at TP=2 across two processes (torchrun), ``prune.mode=truncate``: chunked
+   rollouts scored by the teacher as they are generated, each response ending at its stop
+   point (the 5th drift event) with the online stop, drift weights, the dynamic budget,
+   trimmed training. The teacher and the untrained student are evaluated first.
 3. The same number of steps of plain OPD (no weights, no budget, no early stop): the
    reference for the tokens Prune-OPD saved.
 4. A summary on the console, ``summary.json`` and ``curves.png``.
@@ -44,8 +45,11 @@ def demo_config(assets, out: Path, *, steps: int, pruned: bool) -> dict:
         # A drift event is a sampled token outside the teacher's 90 % top-p set: the tiny
         # teacher is near-certain at almost every position, so the ids ranked 2..K of both
         # models are noise and the top-K overlap flags ~20 % of tokens where the two agree.
-        # Weights reach 0 after 5 events (then the sample stops); later tokens keep w_base.
+        # Weights reach 0 at the 5th event: in truncate mode the response ends there (the
+        # online stop ends its generation, trimming cuts the rest of its last chunk); before
+        # it, the release's w + w_base.
         "prune": {
+            "mode": "truncate",
             "metric": "teacher_top_p_accept",
             "threshold": 0.9,
             "top_k": 4,
@@ -112,6 +116,7 @@ def _launch(config: dict, run_dir: Path, *, eval_before: bool) -> dict:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         "-m", "megatron_opd.demo.distill", "--config", str(config_path), "--report", str(report),
+        "--samples",
     ]  # fmt: skip
     if eval_before:
         command += ["--eval-before", "--eval-teacher"]
@@ -125,8 +130,9 @@ def _launch(config: dict, run_dir: Path, *, eval_before: bool) -> dict:
 
 
 def _totals(history: list[dict]) -> dict:
-    keys = ("tokens_generated", "tokens_scored", "tokens_trained", "time_rollout_s",
-            "time_score_s", "time_train_s", "time_step_s")  # fmt: skip
+    keys = ("tokens_generated", "tokens_scored", "tokens_trained", "tokens_trimmed",
+            "samples_stopped", "samples_truncated", "time_rollout_s", "time_score_s",
+            "time_train_s", "time_step_s")  # fmt: skip
     return {k: sum(h.get(k, 0.0) for h in history) for k in keys}
 
 
@@ -207,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     from megatron_opd.demo.assets import make_demo_assets
+    from megatron_opd.demo.payoff import mechanism_savings
 
     out = Path(args.out).resolve()
     steps = 4 if args.quick else args.steps
@@ -254,6 +261,7 @@ def main(argv: list[str] | None = None) -> None:
         "totals_prune_opd": totals_pruned,
         "totals_plain_opd": totals_plain,
         "saved_fraction": saved,
+        "mechanisms": mechanism_savings(pruned["samples"], plain["samples"]),
         "wall_time_s": phases,
         "run_times_s": {"prune_opd": pruned["times"], "plain_opd": plain["times"]},
     }
@@ -274,6 +282,15 @@ def main(argv: list[str] | None = None) -> None:
               f"{saved[key]:6.1%}")  # fmt: skip
     print(f"step time (rollout+score+train)  {totals_pruned['time_step_s']:8.1f} s "
           f"{totals_plain['time_step_s']:8.1f} s   {saved['time_step_s']:6.1%}")  # fmt: skip
+    m = summary["mechanisms"]
+    print("what each Prune-OPD mechanism did (tokens saved: vs plain OPD's response to the same "
+          "prompt at the same step):")  # fmt: skip
+    print(f"  online stop: {m['samples_stopped']:.0f} samples stopped early, "
+          f"~{m['stop']:.0f} tokens not generated")  # fmt: skip
+    print(f"  budget:      {m['samples_at_budget']:.0f} samples ended at the budget, "
+          f"~{m['budget']:.0f} tokens not generated")  # fmt: skip
+    print(f"  trimming:    {totals_pruned['tokens_trimmed']:.0f} generated tokens after stop "
+          "points cut from training")  # fmt: skip
     print("wall time per phase:")
     for name, seconds in phases.items():
         print(f"  {name:<44} {seconds:7.1f} s")
