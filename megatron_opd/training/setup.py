@@ -96,6 +96,11 @@ class StepPrompts:
         self.loader.load_state_dict(state)
 
 
+def teacher_offload_applies(config: OPDConfig, groups: ParallelGroups) -> bool:
+    """``teacher.offload_teacher`` on a GPU (on CPU the teacher already lives in host memory)."""
+    return config.teacher.offload_teacher and groups.platform.is_cuda
+
+
 def build_components(config: OPDConfig, groups: ParallelGroups) -> RunComponents:
     """Tokenizer, models, engine, data and logger of a run (on every rank)."""
     from megatron_opd.conversion import load_model_weights
@@ -193,7 +198,18 @@ def build_components(config: OPDConfig, groups: ParallelGroups) -> RunComponents
         wandb_project=config.logging.wandb_project,
         show_progress=config.logging.progress_bar,
     )
-    offload = config.teacher.offload_teacher and groups.platform.is_cuda
+    offload = teacher_offload_applies(config, groups)
+    teacher_onload = (
+        (lambda: onload(teacher_chunks, groups.platform.device)) if offload else (lambda: None)
+    )
+
+    def make_chunk_listener():
+        # The chunk listener scores every chunk with the teacher during the rollout, long
+        # before the scoring phase onloads it: an offloaded teacher must come back first.
+        teacher_onload()
+        return ChunkScorer(
+            teacher_chunks[0], groups, config.prune, vocab_size=student_info.vocab_size
+        )
 
     return RunComponents(
         tokenizer=tokenizer,
@@ -204,12 +220,8 @@ def build_components(config: OPDConfig, groups: ParallelGroups) -> RunComponents
         engine=engine,
         dataset=dataset,
         log=log,
-        make_chunk_listener=lambda: ChunkScorer(
-            teacher_chunks[0], groups, config.prune, vocab_size=student_info.vocab_size
-        ),
+        make_chunk_listener=make_chunk_listener,
         score_micro_batch_size=config.training.max_micro_batch_rows,
-        teacher_onload=(lambda: onload(teacher_chunks, groups.platform.device))
-        if offload
-        else (lambda: None),
+        teacher_onload=teacher_onload,
         teacher_offload=(lambda: offload_to_cpu(teacher_chunks)) if offload else (lambda: None),
     )
