@@ -134,19 +134,24 @@ def build_components(config: OPDConfig, groups: ParallelGroups) -> RunComponents
     max_context = student_info.max_position_embeddings
 
     if config.rollout.engine == "vllm":
-        from megatron_opd.conversion.export import gather_hf_weights
+        from megatron_opd.conversion.export import broadcast_hf_weights
         from megatron_opd.rollout.vllm_engine import VLLMRolloutEngine
 
         inner = [unwrap_model(chunk) for chunk in student_chunks]
+        weights_dtype = torch.bfloat16 if config.student.dtype == "bfloat16" else torch.float32
         engine = VLLMRolloutEngine(
-            student_chunks[0],
             groups,
             config.rollout,
-            tokenizer=tokenizer,
             hf_model_dir=str(student_dir),
-            hf_weights=lambda: gather_hf_weights(inner, student_info, groups),
+            hf_weights=lambda: broadcast_hf_weights(
+                inner, student_info, groups, dtype=weights_dtype
+            ),
             eos_token_ids=[tokenizer.eos_id],
             pad_id=tokenizer.pad_id,
+            dtype=config.student.dtype,
+            max_model_len=config.rollout.vllm.max_model_len
+            or config.data.max_prompt_length + config.rollout.max_new_tokens,
+            max_logprobs=max(20, config.prune.top_k),
         )
     else:
         engine = MegatronRolloutEngine(
