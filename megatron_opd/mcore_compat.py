@@ -12,6 +12,13 @@ no other module tests a version. The differences:
    attribute on 0.17+ is silently ignored: the forward then returns the last position
    only (``[b, 1, V]``), which broke the chunked teacher scoring of the online stop.
    :func:`materialize_all_logits` sets whichever field the installed version reads.
+   In 0.18 a second change joined it: ``GPTModel.forward`` treats a forward with an
+   inference context as inference (last-token logits, inference-only kernels) only
+   while the process-wide ``megatron.core.inference.utils.InferenceMode`` flag is set;
+   up to 0.17 it checked ``not self.training``. Without the flag, 0.18+ returns every
+   position whatever the context says: correct values, but a prefill then materialises
+   ``[b, p, V]`` logits instead of ``[b, 1, V]``. :func:`inference_mode` sets the flag
+   around such a forward (a no-op before 0.18).
 2. Checkpoint layout (0.19): ``dist_checkpointing`` with the ``torch_dist`` backend wrote
    the common (non-sharded) state to a separate ``common.pt`` up to 0.18; 0.19 stores it
    as a ``common_state`` object inside the torch_dist files and still reads a
@@ -31,6 +38,7 @@ signature in 0.16.1 and 0.19.2; the test suite runs under both (README, "Install
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -55,6 +63,24 @@ def materialize_all_logits(context) -> None:
         config.materialize_only_last_token_logits = False  # 0.17+
     else:
         context.materialize_only_last_token_logits = False  # 0.16
+
+
+@contextlib.contextmanager
+def inference_mode():
+    """Within the block, forwards with an inference context are inference forwards for
+    Megatron-Core 0.18+ (``InferenceMode``); nothing to do before 0.18."""
+    try:
+        from megatron.core.inference.utils import InferenceMode
+    except ImportError:  # 0.16 and 0.17 decide from ``model.training``
+        yield
+        return
+    was_active = InferenceMode.is_active()
+    InferenceMode.set_active()
+    try:
+        yield
+    finally:
+        if not was_active:
+            InferenceMode.unset_active()
 
 
 def checkpoint_layout(checkpoint_dir: str | Path) -> str:

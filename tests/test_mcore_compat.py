@@ -27,6 +27,11 @@ def _prefill_logits():
     causal = torch.ones(5, 5, dtype=torch.bool).triu(1)[None, None]
     with torch.no_grad():
         plain = model(tokens, positions, causal)
+        outside = model(
+            tokens, positions, causal, inference_context=StaticInferenceContext(2, 8),
+            runtime_gather_output=True,
+        )  # fmt: skip
+    with torch.no_grad(), mcore_compat.inference_mode():
         defaults = StaticInferenceContext(2, 8)
         last_only = model(
             tokens, positions, causal, inference_context=defaults, runtime_gather_output=True
@@ -36,12 +41,15 @@ def _prefill_logits():
         every = model(
             tokens, positions, causal, inference_context=context, runtime_gather_output=True
         )
-    return plain, last_only, every
+    return plain, outside, last_only, every
 
 
 def test_materialize_all_logits_returns_every_position():
-    ((plain, last_only, every),) = run_distributed(_prefill_logits, 1, timeout_s=120)
+    ((plain, outside, last_only, every),) = run_distributed(_prefill_logits, 1, timeout_s=120)
     assert last_only.shape[1] == 1  # the context's default: the last position only
+    # Outside inference_mode, 0.18+ returns every position; up to 0.17 eval mode suffices.
+    expected_outside = 5 if mcore_compat.megatron_core_version() >= (0, 18) else 1
+    assert outside.shape[1] == expected_outside
     assert every.shape == plain.shape == (2, 5, plain.shape[-1])
     torch.testing.assert_close(every, plain, atol=1e-5, rtol=1e-5)
 
