@@ -11,8 +11,8 @@ are never applied when CUDA is available, so a GPU run sees an untouched torch.
 
 Optional GPU libraries are detected here too: Transformer Engine (raises RuntimeError,
 not ImportError, when its CUDA libraries are missing), NVIDIA apex (the PyPI package named
-``apex`` is an unrelated web toolkit, so we check for apex's CUDA extension modules), vLLM
-and nvidia-modelopt.
+``apex`` is an unrelated web toolkit, so we check for apex's CUDA extension modules) and
+vLLM.
 """
 
 from __future__ import annotations
@@ -240,7 +240,7 @@ def has_nvidia_apex() -> bool:
 
 @functools.cache
 def has_module(name: str) -> bool:
-    """True when ``name`` imports (used for vllm and modelopt)."""
+    """True when ``name`` imports (used for vllm)."""
     try:
         importlib.import_module(name)
     except Exception:  # noqa: BLE001

@@ -57,7 +57,8 @@ class RolloutConfig:
 
     engine: Literal["megatron", "vllm"] = "megatron"
     """``megatron``: KV-cached sampling with the student's own GPTModel (CPU and GPU).
-    ``vllm``: vLLM's offline engine with weights pushed from the student (GPU only)."""
+    ``vllm``: a colocated vLLM on every rank with weights pushed from the student (GPU
+    only; settings in ``rollout.vllm``)."""
 
     temperature: float = 1.0
     """Sampling temperature; 0 means greedy (argmax). The recorded sampled-token log-probs
