@@ -35,7 +35,7 @@ setup(
     extras_require={
         # NVIDIA apex is never listed: the PyPI package of that name is an unrelated web toolkit.
         # Cluster containers ship NVIDIA apex; megatron_opd.platform detects it at run time.
-        "gpu": ["transformer-engine[pytorch]", "vllm", "nvidia-modelopt"],
+        "gpu": ["transformer-engine[pytorch]", "vllm"],
         "test": ["pytest", "pytest-timeout", "hypothesis"],
     },
     entry_points={"console_scripts": ["megatron-opd=megatron_opd.cli:main"]},

@@ -3,15 +3,16 @@
 This is the only module that branches on the device. Everything else asks it for
 ``Platform.device`` / ``Platform.backend`` and never looks at ``torch.cuda`` itself.
 
-On a CPU-only torch build, Megatron-Core 0.16 runs correctly on gloo once a handful of
-CUDA calls are routed to their CPU equivalents. :func:`apply_cpu_compat` installs exactly
+On a CPU-only torch build (or a CUDA build on a machine without a GPU), Megatron-Core
+0.16-0.19 runs correctly on gloo once a handful of CUDA calls are routed to their CPU
+equivalents. :func:`apply_cpu_compat` installs exactly
 those patches, each documented with the Megatron call it serves. They are idempotent and
 are never applied when CUDA is available, so a GPU run sees an untouched torch.
 
 Optional GPU libraries are detected here too: Transformer Engine (raises RuntimeError,
 not ImportError, when its CUDA libraries are missing), NVIDIA apex (the PyPI package named
-``apex`` is an unrelated web toolkit, so we check for apex's CUDA extension modules), vLLM
-and nvidia-modelopt.
+``apex`` is an unrelated web toolkit, so we check for apex's CUDA extension modules) and
+vLLM.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def cuda_available() -> bool:
 
 
 def apply_cpu_compat() -> None:
-    """Install the minimal patches Megatron-Core 0.16 needs on a CPU torch build.
+    """Install the minimal patches Megatron-Core 0.16-0.19 needs on a CPU torch build.
 
     Idempotent. Call before seeding Megatron's RNG tracker or building a model.
     """
@@ -78,6 +79,7 @@ def apply_cpu_compat() -> None:
     _route_cuda_rng_to_cpu()
     _route_cuda_device_to_cpu()
     _report_cpu_tensors_as_cuda_types()
+    _route_cuda_streams_to_noops()
     _define_missing_te_symbols()
 
 
@@ -173,6 +175,30 @@ def _report_cpu_tensors_as_cuda_types() -> None:
     torch.Tensor.type = type_
 
 
+class _HostStream:
+    """The CPU's only "stream": work is synchronous, so every wait and record is a no-op."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return event
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _route_cuda_streams_to_noops() -> None:
+    # megatron-core 0.17+ DDP (param_and_grad_buffer.start_grad_sync) takes
+    # torch.cuda.current_stream() to wait for CUDA-graph gradient events before every
+    # gradient reduction; on CPU there is one synchronous stream.
+    stream = _HostStream()
+    torch.cuda.current_stream = lambda device=None: stream
+
+
 def _define_missing_te_symbols() -> None:
     # megatron-core 0.16.1 references te_general_gemm in moe_utils even when the TE import
     # failed (NameError in the router); None selects its torch.mm fallback.
@@ -214,7 +240,7 @@ def has_nvidia_apex() -> bool:
 
 @functools.cache
 def has_module(name: str) -> bool:
-    """True when ``name`` imports (used for vllm and modelopt)."""
+    """True when ``name`` imports (used for vllm)."""
     try:
         importlib.import_module(name)
     except Exception:  # noqa: BLE001

@@ -111,6 +111,7 @@ def test_teacher_is_frozen_and_offload_is_a_noop_on_cpu():
     assert model[0].weight.data_ptr() == weight
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_offload_round_trip_on_gpu():
     model = torch.nn.Linear(4, 4).cuda()

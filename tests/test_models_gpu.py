@@ -10,10 +10,13 @@ import torch
 
 from megatron_opd.platform import has_transformer_engine
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() or not has_transformer_engine(),
-    reason="needs CUDA and Transformer Engine",
-)
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or not has_transformer_engine(),
+        reason="needs CUDA and Transformer Engine",
+    ),
+]
 
 
 def test_te_spec_matches_transformers_and_fp8_forward_runs(tmp_path):

@@ -34,6 +34,8 @@ def test_cpu_platform_and_idempotent_patches():
         with tracker.fork("test-rng"):
             forked = torch.rand(3)
         outside = torch.rand(3)
+        # megatron-core 0.17+ DDP waits on the current stream before each grad reduction.
+        torch.cuda.current_stream().wait_event(None)
         print(json.dumps({
             "backend": p.backend, "device": str(p.device), "is_cuda": p.is_cuda,
             "zeros_device": str(a.device), "type": torch.zeros(1).type(),

@@ -1,5 +1,5 @@
-"""Sampling helpers, RolloutConfig checks and the vLLM engine's refusal / config mapping
-(single process, no Megatron)."""
+"""Sampling helpers and RolloutConfig checks (single process, no Megatron; the vLLM
+engine's own tests are in test_vllm_engine.py)."""
 
 import math
 
@@ -8,7 +8,6 @@ import torch
 
 from megatron_opd.config.rollout import RolloutConfig, rollout_seed
 from megatron_opd.rollout.sampling import mask_vocab_padding, sample_next_tokens, top_p_filter
-from megatron_opd.rollout.vllm_engine import VLLMRolloutEngine, vllm_sampling_kwargs
 
 
 def _logits(probs):
@@ -71,29 +70,3 @@ def test_rollout_seed_differs_across_steps_and_data_parallel_ranks():
     config = RolloutConfig()
     seeds = {rollout_seed(config, step=s, dp_rank=r) for s in range(50) for r in range(8)}
     assert len(seeds) == 400
-
-
-def test_vllm_engine_refuses_without_cuda_and_vllm():
-    config = RolloutConfig(engine="vllm")
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present: the refusal path is for CPU machines")
-    with pytest.raises(ValueError, match="rollout.engine='vllm' needs a CUDA GPU"):
-        VLLMRolloutEngine(None, None, config, hf_model_dir="x", hf_weights=list)
-    with pytest.raises(ValueError, match="rollout.engine='vllm'"):
-        VLLMRolloutEngine(None, None, RolloutConfig(engine="megatron"))
-
-
-def test_vllm_sampling_kwargs_mirror_the_megatron_engine():
-    config = RolloutConfig(
-        engine="vllm", temperature=0.7, top_p=0.95, n_samples_per_prompt=4, max_new_tokens=100
-    )
-    kw = vllm_sampling_kwargs(
-        config, max_new_tokens=300, seed=5, eos_token_ids=[7, 2, 7], num_logprobs=16
-    )
-    assert kw["max_tokens"] == 100  # the config's cap wins
-    assert (kw["n"], kw["temperature"], kw["top_p"], kw["top_k"]) == (4, 0.7, 0.95, -1)
-    assert kw["stop_token_ids"] == [2, 7] and kw["logprobs"] == 16 and kw["seed"] == 5
-    greedy = vllm_sampling_kwargs(
-        RolloutConfig(engine="vllm", temperature=0.0), max_new_tokens=8, seed=0, eos_token_ids=[]
-    )
-    assert greedy["temperature"] == 0.0 and greedy["top_k"] == 1

@@ -166,7 +166,7 @@ def test_train_sbatch_layout_env_container_and_launcher(tmp_path):
 
 def test_fp8_sbatch_adds_fp8_overrides_before_the_users(tmp_path):
     done, argv, _ = _run_sbatch_script(
-        tmp_path, "train_opd_fp8.sbatch", "student.fp8_recipe=tensorwise", CONFIG="c.yaml"
+        tmp_path, "train_opd_fp8.sbatch", "student.fp8_amax_history_len=16", CONFIG="c.yaml"
     )
     assert done.returncode == 0, done.stderr
     _, command = _split_srun(argv, "megatron-opd")
@@ -177,8 +177,34 @@ def test_fp8_sbatch_adds_fp8_overrides_before_the_users(tmp_path):
         "c.yaml",
         "student.fp8=hybrid",
         "student.fp8_recipe=delayed",
-        "student.fp8_recipe=tensorwise",  # last one wins in the config loader
+        "student.fp8_amax_history_len=1024",
+        "student.fp8_param=false",
+        "student.first_last_layers_bf16=false",
+        "student.fp8_amax_history_len=16",  # last one wins in the config loader
     ]
+
+
+@pytest.mark.parametrize("recipe", ["delayed", "tensorwise", "blockwise", "mxfp8"])
+def test_fp8_sbatch_applies_the_documented_preset(tmp_path, recipe):
+    from megatron_opd.config.loader import parse_override
+    from megatron_opd.config.model import FP8_PRESETS
+
+    done, argv, _ = _run_sbatch_script(
+        tmp_path, "train_opd_fp8.sbatch", CONFIG="c.yaml", FP8_RECIPE=recipe
+    )
+    assert done.returncode == 0, done.stderr
+    _, command = _split_srun(argv, "megatron-opd")
+    overrides = [parse_override(word) for word in command[4:]]
+    assert all(path[0] == "student" for path, _ in overrides)
+    assert {path[1]: value for path, value in overrides} == FP8_PRESETS[recipe]
+
+
+def test_fp8_sbatch_refuses_an_unknown_recipe(tmp_path):
+    done, argv, _ = _run_sbatch_script(
+        tmp_path, "train_opd_fp8.sbatch", CONFIG="c.yaml", FP8_RECIPE="fp4"
+    )
+    assert done.returncode == 2 and argv is None
+    assert "FP8_RECIPE=fp4" in done.stderr
 
 
 def test_eval_sbatch_launches_megatron_opd_eval(tmp_path):

@@ -323,9 +323,9 @@ def test_nan_losses_are_skipped_and_three_in_a_row_stop_with_a_checkpoint(tiny_r
     assert out["kept_good_state"]  # the skipped steps did not
 
 
-def _gathered_hf_weights(overrides):
+def _broadcast_hf_weights(overrides):
     from megatron_opd.conversion import load_model_weights
-    from megatron_opd.conversion.export import gather_hf_weights
+    from megatron_opd.conversion.export import broadcast_hf_weights
     from megatron_opd.distributed import init_distributed
     from megatron_opd.models import build_model
 
@@ -333,19 +333,18 @@ def _gathered_hf_weights(overrides):
     groups = init_distributed(config.parallel, seed=0)
     chunks, info = build_model(config.teacher, groups, role="teacher")
     load_model_weights(chunks, config.teacher, info, groups)
-    return {name: tensor for name, tensor in gather_hf_weights(chunks, info, groups)}
+    return {name: tensor for name, tensor in broadcast_hf_weights(chunks, info, groups)}
 
 
 def test_weights_for_an_external_engine_equal_the_hf_checkpoint(tiny_run):
-    """What the vLLM engine receives (gathered over TP and PP onto the replica's first
-    rank) is exactly the HF checkpoint the model was loaded from."""
+    """What the vLLM engine receives on every rank (gathered over TP, broadcast over PP)
+    is exactly the HF checkpoint the model was loaded from."""
     import torch
     from safetensors.torch import load_file
 
     root, overrides = tiny_run
     reference = load_file(root / "teacher" / "model.safetensors")
     for layout in (_layout(2, 1), _layout(1, 2)):
-        out = run_distributed(_gathered_hf_weights, 2, [*overrides, *layout])
-        assert sorted(out[0]) == sorted(reference)
-        assert all(torch.equal(out[0][name], reference[name]) for name in reference)
-        assert out[1] == {}
+        for received in run_distributed(_broadcast_hf_weights, 2, [*overrides, *layout]):
+            assert sorted(received) == sorted(reference)
+            assert all(torch.equal(received[name], reference[name]) for name in reference)

@@ -91,6 +91,18 @@ class OPDConfig:
     """Evaluation sets and sampling."""
 
     def __post_init__(self) -> None:
+        if self.student.fp8_param and not self.parallel.use_distributed_optimizer:
+            raise ValueError(
+                "student.fp8_param (Megatron-LM's --fp8-param-gather) needs "
+                "parallel.use_distributed_optimizer=true: only the distributed optimizer "
+                "re-quantizes FP8 parameters from its FP32 master copy after a step"
+            )
+        if self.teacher.fp8_param:
+            raise ValueError(
+                "teacher.fp8_param is not supported: the frozen teacher has no optimizer to "
+                "hold its master weights; set teacher.fp8_param=false (teacher.fp8 alone "
+                "runs its GEMMs in FP8)"
+            )
         if self.budget.enable and self.budget.min_len > self.rollout.max_new_tokens:
             raise ValueError(
                 f"budget.min_len ({self.budget.min_len}) exceeds rollout.max_new_tokens "

@@ -3,8 +3,47 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+
+@dataclass(kw_only=True)
+class VLLMConfig:
+    """The vLLM engine (``rollout.engine=vllm``): one colocated vLLM per rank, sharing
+    the rank's GPU with Megatron through sleep mode."""
+
+    gpu_memory_utilization: float = 0.4
+    """Fraction of the whole GPU's memory vLLM may take for its weights and KV cache
+    while it is awake. vLLM checks at start-up that this much is free, i.e. after both
+    Megatron models are built: lower it if vLLM reports too little free memory."""
+
+    max_model_len: int = 0
+    """Longest prompt + response vLLM accepts (sizes its KV-cache blocks per request);
+    0 = ``data.max_prompt_length + rollout.max_new_tokens``."""
+
+    sleep_level: Literal[1, 2] = 2
+    """vLLM sleep mode between rollouts. 2 (vLLM's RLHF setting) discards the weights and
+    the KV cache: the engine pushes the student's weights again before the next rollout
+    anyway. 1 keeps a CPU copy of the weights (host memory = one student per rank)."""
+
+    enforce_eager: bool = False
+    """Run vLLM without CUDA graphs (slower decode, faster start, less memory)."""
+
+    max_num_seqs: int = 0
+    """Most sequences vLLM decodes at once (0 = vLLM's default)."""
+
+    def __post_init__(self) -> None:
+        if not (0.0 < self.gpu_memory_utilization <= 1.0):
+            raise ValueError(
+                "rollout.vllm.gpu_memory_utilization must be in (0, 1], got "
+                f"{self.gpu_memory_utilization}"
+            )
+        if self.sleep_level not in (1, 2):
+            raise ValueError(f"rollout.vllm.sleep_level must be 1 or 2, got {self.sleep_level!r}")
+        for name in ("max_model_len", "max_num_seqs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"rollout.vllm.{name} must be an integer >= 0, got {value!r}")
 
 
 @dataclass(kw_only=True)
@@ -18,7 +57,8 @@ class RolloutConfig:
 
     engine: Literal["megatron", "vllm"] = "megatron"
     """``megatron``: KV-cached sampling with the student's own GPTModel (CPU and GPU).
-    ``vllm``: vLLM's offline engine with weights pushed from the student (GPU only)."""
+    ``vllm``: a colocated vLLM on every rank with weights pushed from the student (GPU
+    only; settings in ``rollout.vllm``)."""
 
     temperature: float = 1.0
     """Sampling temperature; 0 means greedy (argmax). The recorded sampled-token log-probs
@@ -46,6 +86,9 @@ class RolloutConfig:
     generation_batch_size: int = 0
     """Rows generated together with one KV cache (a micro-batch of the rollout);
     0 = all rows of a call at once."""
+
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """Settings of the vLLM engine (read only when ``engine`` is ``vllm``)."""
 
     def __post_init__(self) -> None:
         if self.engine not in ("megatron", "vllm"):

@@ -1,10 +1,18 @@
-"""Write a (distributed) Megatron model as an HF checkpoint that transformers loads.
+"""Megatron model -> HF tensors: an HF checkpoint on disk, or every rank's weight push.
 
-Only the data-parallel replica 0 takes part. Per parameter, the TP ranks of a stage
-all-gather their shards and TP rank 0 turns them into HF tensors with the family's
+Export: only the data-parallel replica 0 takes part. Per parameter, the TP ranks of a
+stage all-gather their shards and TP rank 0 turns them into HF tensors with the family's
 mapping; stages other than the first send those tensors, one at a time, to global rank
 0 over the pipeline group. Rank 0 streams them into bounded safetensors shards, so no
 rank ever holds the whole model. Output is atomic: ``<out>.tmp-<pid>`` renamed at the end.
+
+Weight push (:func:`broadcast_hf_weights`, for an inference engine colocated on every
+rank): every stage in turn announces its tensors' names, shapes and dtypes, then
+broadcasts each full HF tensor over the pipeline group, so every rank of the replica
+sees every tensor of the whole model, one at a time, in the same order.
+
+Receive buffers live on the platform's device: NCCL can only send and receive CUDA
+tensors (gloo takes CPU ones), so a CPU buffer would fail every PP > 1 transfer on GPUs.
 """
 
 from __future__ import annotations
@@ -28,20 +36,78 @@ from megatron_opd.models.hf_config import ModelInfo
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def _hf_tensors_of_stage(chunks, info: ModelInfo, groups: ParallelGroups, dtype):
-    """Yield (HF name, full tensor) for this stage; only TP rank 0 gets non-empty items."""
+def _stage_weights(chunks, info: ModelInfo):
+    """``(name, param, mapping, hf_names)`` of this stage's weights that HF stores."""
     for name, param, mapping, hf_names in mapped_tensors(chunks, info):
         if name.startswith("output_layer.") and info.tie_word_embeddings:
             continue  # the tied copy on the last stage; HF stores only the embedding
+        yield name, param, mapping, hf_names
+
+
+def _hf_tensors_of_stage(
+    chunks, info: ModelInfo, groups: ParallelGroups, dtype, *, every_tp_rank: bool = False
+):
+    """Yield (HF name, full tensor) for this stage, in ``hf_names`` order; only TP rank 0
+    gets items unless ``every_tp_rank``."""
+    for _, param, mapping, hf_names in _stage_weights(chunks, info):
         local = param.detach()
         if groups.tp_size > 1:
             shards = [torch.empty_like(local) for _ in range(groups.tp_size)]
             dist.all_gather(shards, local.contiguous(), group=groups.tp_group)
         else:
             shards = [local]
-        if groups.tp_rank == 0:
-            for hf_name, tensor in mapping.to_hf(shards, hf_names, info).items():
+        if groups.tp_rank == 0 or every_tp_rank:
+            converted = mapping.to_hf(shards, hf_names, info)
+            for hf_name in hf_names:
+                tensor = converted[hf_name]
                 yield hf_name, tensor.to(dtype or tensor.dtype).contiguous()
+
+
+def stage_hf_metadata(
+    chunks, info: ModelInfo, dtype: torch.dtype | None = None
+) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """``(HF name, full shape, dtype)`` of every tensor this stage yields, in order (no
+    communication: the shapes come from the family's mapping table)."""
+    metadata = []
+    for _, param, mapping, hf_names in _stage_weights(chunks, info):
+        for hf_name, shape in zip(hf_names, mapping.hf_shapes(info)):
+            metadata.append((hf_name, tuple(shape), dtype or param.dtype))
+    return metadata
+
+
+def receive_buffer(shape, dtype: torch.dtype, groups: ParallelGroups) -> torch.Tensor:
+    """An empty tensor to receive into: on the platform's device (CUDA under NCCL)."""
+    return torch.empty(tuple(shape), dtype=dtype, device=groups.platform.device)
+
+
+def broadcast_hf_weights(
+    chunks, info: ModelInfo, groups: ParallelGroups, *, dtype: torch.dtype | None = None
+):
+    """Collective over the model replica (every TP rank of every PP stage): yield every
+    ``(HF name, full tensor)`` of the whole model on every rank, one tensor at a time.
+
+    The caller must exhaust the generator on every rank (each item is a collective).
+    Peak extra memory is one full HF tensor plus one stage's TP shards of it.
+    """
+    for stage in range(groups.pp_size):
+        src = groups.pp_global_ranks[stage]
+        owner = stage == groups.pp_rank
+        if groups.pp_size == 1:
+            yield from _hf_tensors_of_stage(chunks, info, groups, dtype, every_tp_rank=True)
+            return
+        box = [stage_hf_metadata(chunks, info, dtype) if owner else None]
+        dist.broadcast_object_list(box, src=src, group=groups.pp_group)
+        if owner:
+            produced = _hf_tensors_of_stage(chunks, info, groups, dtype, every_tp_rank=True)
+            for (hf_name, tensor), (meta_name, shape, _) in zip(produced, box[0], strict=True):
+                assert hf_name == meta_name and tuple(tensor.shape) == shape, (hf_name, shape)
+                dist.broadcast(tensor, src=src, group=groups.pp_group)
+                yield hf_name, tensor
+        else:
+            for hf_name, shape, tensor_dtype in box[0]:
+                tensor = receive_buffer(shape, tensor_dtype, groups)
+                dist.broadcast(tensor, src=src, group=groups.pp_group)
+                yield hf_name, tensor
 
 
 def _stream_to_rank0(chunks, info, groups: ParallelGroups, dtype, sink) -> None:
@@ -65,22 +131,9 @@ def _stream_to_rank0(chunks, info, groups: ParallelGroups, dtype, sink) -> None:
                 if meta[0] is None:
                     break
                 hf_name, shape, tensor_dtype = meta[0]
-                tensor = torch.empty(shape, dtype=tensor_dtype)
+                tensor = receive_buffer(shape, tensor_dtype, groups)
                 dist.recv(tensor, src=pp_ranks[stage], group=groups.pp_group)
                 sink(hf_name, tensor)
-
-
-def gather_hf_weights(
-    chunks, info: ModelInfo, groups: ParallelGroups, *, dtype: torch.dtype | None = None
-) -> list[tuple[str, torch.Tensor]]:
-    """Collective over the model replica: the model's HF-named full tensors on the
-    replica's first rank (TP rank 0 of the first stage), an empty list elsewhere.
-
-    Used to push the student's current weights into an external engine (vLLM).
-    """
-    collected: list[tuple[str, torch.Tensor]] = []
-    _stream_to_rank0(chunks, info, groups, dtype, lambda name, t: collected.append((name, t)))
-    return collected
 
 
 def write_hf_config_files(info: ModelInfo, out_dir: Path, dtype: torch.dtype) -> None:

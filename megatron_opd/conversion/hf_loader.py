@@ -20,6 +20,7 @@ from megatron_opd.conversion.families import (
 )
 from megatron_opd.conversion.hf_io import SafetensorsReader
 from megatron_opd.distributed import ParallelGroups
+from megatron_opd.models.fp8 import copy_into_parameter
 from megatron_opd.models.hf_config import ModelInfo
 
 _MAX_LISTED = 8
@@ -102,4 +103,4 @@ def load_hf_weights(
         for name, param, mapping, hf_names in mapped_tensors(chunks, info):
             shard = mapping.load_shard(reader, hf_names, info, groups.tp_rank, groups.tp_size)
             assert shard.shape == param.shape, (name, shard.shape, param.shape)
-            param.data.copy_(shard.to(param.dtype))
+            copy_into_parameter(param, shard)

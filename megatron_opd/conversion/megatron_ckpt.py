@@ -23,7 +23,9 @@ from megatron_opd.conversion.export import export_hf_from_model, write_hf_config
 from megatron_opd.conversion.hf_io import copy_tokenizer_files
 from megatron_opd.conversion.hf_loader import load_hf_weights
 from megatron_opd.distributed import ParallelGroups
+from megatron_opd.mcore_compat import check_checkpoint_readable
 from megatron_opd.models.builder import build_model
+from megatron_opd.models.fp8 import keep_loaded_high_precision_values
 from megatron_opd.models.hf_config import HF_CONFIG_SUBDIR, ModelInfo
 from megatron_opd.models.megatron_checkpoint import (
     COMPLETE_FILE,
@@ -111,8 +113,10 @@ def load_megatron_checkpoint(model_chunks, ckpt_dir: str | Path) -> None:
 
     chunks = _chunks(model_chunks)
     read_conversion_metadata(ckpt_dir)  # ValueError when incomplete
+    check_checkpoint_readable(Path(ckpt_dir) / MODEL_SUBDIR)
     state = dist_checkpointing.load(_sharded_state_dict(chunks), str(Path(ckpt_dir) / MODEL_SUBDIR))
     result = chunks[0].load_state_dict(state["model"], strict=False)
+    keep_loaded_high_precision_values(chunks[0], state["model"])
     missing = [key for key in result.missing_keys if not key.endswith("_extra_state")]
     if missing:
         raise ValueError(f"checkpoint {ckpt_dir} lacks parameters of this model: {missing[:8]}")

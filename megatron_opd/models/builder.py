@@ -16,7 +16,9 @@ Numerics that must equal transformers:
 
 Layer spec: Transformer Engine when ``transformer_impl`` asks for it (or ``auto`` and TE
 imports), else the local spec (the CPU path). FP8 settings map onto TransformerConfig's
-``fp8*`` fields and are refused with a ValueError where TE is not available.
+``fp8*`` fields (:mod:`megatron_opd.models.fp8`) and are refused with a ValueError where
+TE is not available or the GPU cannot run the recipe; an FP8 model's TE linear layers
+pad token counts to the FP8 alignment for rollouts and scoring.
 """
 
 from __future__ import annotations
@@ -28,27 +30,13 @@ import torch.nn.functional as F
 
 from megatron_opd.config.model import ModelConfig
 from megatron_opd.distributed import ParallelGroups
+from megatron_opd.models.fp8 import check_fp8_hardware, fp8_transformer_config_kwargs
 from megatron_opd.models.hf_config import ModelInfo, read_model_info
 from megatron_opd.models.megatron_checkpoint import read_conversion_metadata
 from megatron_opd.models.teacher import freeze
 from megatron_opd.platform import has_transformer_engine, reset_attention_backend_env
 
 ROLES = ("student", "teacher")
-
-
-def fp8_transformer_config_kwargs(model_config: ModelConfig) -> dict:
-    """TransformerConfig fields for ``model_config``'s FP8 settings ({} when fp8 is off)."""
-    if model_config.fp8 is None:
-        return {}
-    kwargs = {
-        "fp8": model_config.fp8,
-        "fp8_recipe": model_config.fp8_recipe,
-        "fp8_param": model_config.fp8_param,
-    }
-    if model_config.fp8_recipe == "delayed":
-        kwargs["fp8_amax_history_len"] = model_config.fp8_amax_history_len
-        kwargs["fp8_amax_compute_algo"] = "max"
-    return kwargs
 
 
 def use_transformer_engine(model_config: ModelConfig) -> bool:
@@ -191,8 +179,17 @@ def build_model(
     info = _match_checkpoint_vocab_padding(info, model_config.path, groups)
     check_parallel_layout(info, groups)
     use_te = use_transformer_engine(model_config)
+    if groups.platform.is_cuda:
+        capability = torch.cuda.get_device_capability(groups.platform.device)
+        check_fp8_hardware(model_config, role, capability)
     config = transformer_config(info, model_config, groups, use_te=use_te)
     model = build_gpt_model(info, config, groups, use_te=use_te)
+    if model_config.fp8 is not None:
+        from megatron_opd.mcore_compat import prepare_fp8_inference
+
+        # Decode steps (one token per row) and rollouts of any length reach the FP8 GEMMs;
+        # TE refuses token counts that are not a multiple of 16 (32 for MXFP8).
+        prepare_fp8_inference(model)
     chunks = [model]
     if role == "teacher":
         freeze(chunks)

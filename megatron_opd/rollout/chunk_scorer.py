@@ -37,7 +37,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd.distributed import ParallelGroups
+<<<<<<< HEAD
 from megatron_opd.ops.vocab_parallel import vocab_parallel_log_probs, vocab_parallel_topk_log_probs
+=======
+from megatron_opd.mcore_compat import materialize_all_logits
+from megatron_opd.ops.vocab_parallel import vocab_parallel_topk_log_probs
+>>>>>>> issue11
 from megatron_opd.prune.compat import drift_events
 from megatron_opd.prune.online_stop import OnlineStopper
 from megatron_opd.prune.weights import ReliabilityWeights
@@ -105,7 +110,7 @@ class ChunkScorer:
         self._sample_index = prompts.sample_index.to(device)
         self._rows = torch.arange(m, device=device)  # block rows in the teacher's cache
         self._context = StaticInferenceContext(m, total)
-        self._context.materialize_only_last_token_logits = False
+        materialize_all_logits(self._context)
         self._pending = None
         logits = self._forward(tokens)
         if logits is not None:

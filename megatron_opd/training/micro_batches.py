@@ -8,6 +8,12 @@ column ``j`` holds entry ``j + 1``. The last column has no target and gets weigh
 Only the last pipeline stage holds the loss inputs (scores, weights); the first stage
 needs the tokens; every stage needs the shapes, which come from the plan broadcast before
 the schedule starts.
+
+FP8: Transformer Engine's FP8 GEMMs need the token count (rows x padded length) to be a
+multiple of 16 (32 for MXFP8), per TP rank under sequence parallelism. ``pad_to_multiple``
+(:func:`micro_batch_token_multiple`) widens every micro-batch to a multiple of it with
+pad tokens of zero loss weight after every real token: the loss and its gradients do not
+change (causal attention).
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_opd.config.model import ModelConfig
+from megatron_opd.config.parallel import ParallelConfig
+from megatron_opd.models.fp8 import fp8_align_size
 from megatron_opd.prune.trimming import TrimPlan
 from megatron_opd.rollout.batch import RolloutBatch
 
@@ -50,6 +59,25 @@ class TrainMicroBatch:
         )
 
 
+def micro_batch_token_multiple(student: ModelConfig, parallel: ParallelConfig) -> int:
+    """Padded length multiple of a training micro-batch: the FP8 GEMM alignment (1 without
+    FP8), times the TP size under sequence parallelism (each rank holds ``P / TP``)."""
+    align = fp8_align_size(student)
+    if parallel.sequence_parallel:
+        return align * parallel.tensor_parallel_size
+    return align
+
+
+def _pad_columns(piece: torch.Tensor, multiple: int, value) -> torch.Tensor:
+    width = piece.shape[1]
+    target = -(-width // multiple) * multiple
+    if target == width:
+        return piece
+    padded = piece.new_full((piece.shape[0], target, *piece.shape[2:]), value)
+    padded[:, :width] = piece
+    return padded
+
+
 def _shift_left(pieces: list[torch.Tensor]) -> list[torch.Tensor]:
     shifted = []
     for piece in pieces:
@@ -65,9 +93,13 @@ def build_micro_batches(
     *,
     is_last_stage: bool,
     loss_tensor_names: tuple[str, ...],
+    pad_to_multiple: int = 1,
 ) -> list[TrainMicroBatch]:
     """Cut ``batch`` into the plan's micro-batches (an empty plan gives one zero-weight
-    micro-batch so data-parallel gradient reductions stay in step)."""
+    micro-batch so data-parallel gradient reductions stay in step); each micro-batch's
+    width is rounded up to ``pad_to_multiple`` (FP8; see the module docstring)."""
+    if pad_to_multiple < 1:
+        raise ValueError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
     if not plan.micro_batches:
         plan = _placeholder_plan(batch)
         dropped_all = True
@@ -96,6 +128,12 @@ def build_micro_batches(
             sources[name] = value
         for name, value in sources.items():
             loss_pieces[name] = _shift_left(plan.pack(value))
+    if pad_to_multiple > 1:
+        token_pieces = [_pad_columns(p, pad_to_multiple, batch.pad_id) for p in token_pieces]
+        loss_pieces = {
+            name: [_pad_columns(p, pad_to_multiple, 0) for p in pieces]
+            for name, pieces in loss_pieces.items()
+        }
     micro_batches = []
     for index, (mb, tokens) in enumerate(zip(plan.micro_batches, token_pieces)):
         rows = torch.tensor(mb.rows, dtype=torch.long)

@@ -9,6 +9,15 @@ from megatron_opd.config.training import TrainingConfig
 from megatron_opd.distributed import ParallelGroups
 
 
+def uses_distributed_optimizer(
+    parallel: ParallelConfig, groups: ParallelGroups, *, fp8_param: bool = False
+) -> bool:
+    """Megatron's DistributedOptimizer: with ``parallel.use_distributed_optimizer`` on
+    DP > 1 (nothing to shard at DP=1), and always with FP8 parameters (only it re-quantizes
+    them from FP32 master shards; OPDConfig refuses fp8_param without the flag)."""
+    return parallel.use_distributed_optimizer and (groups.dp_size > 1 or fp8_param)
+
+
 def wrap_student_for_training(
     chunks: list[torch.nn.Module], parallel: ParallelConfig, groups: ParallelGroups
 ) -> list[torch.nn.Module]:
@@ -16,6 +25,7 @@ def wrap_student_for_training(
 
     Sets the schedule flags OPD relies on: per-token loss normalisation (the loss_func
     returns a token sum and a token count) and variable micro-batch shapes (trimming).
+    FP8 parameters (``fp8_param``) are all-gathered in FP8 (DDP's ``fp8_param_gather``).
     """
     from megatron.core.distributed import (
         DistributedDataParallel,
@@ -23,17 +33,20 @@ def wrap_student_for_training(
         finalize_model_grads,
     )
 
-    use_distributed_optimizer = parallel.use_distributed_optimizer and groups.dp_size > 1
     wrapped = []
     for chunk in chunks:
         config = chunk.config
+        fp8_param = bool(getattr(config, "fp8_param", False))
         config.calculate_per_token_loss = True
         config.variable_seq_lengths = True
         config.finalize_model_grads_func = finalize_model_grads
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
-            use_distributed_optimizer=use_distributed_optimizer,
+            use_distributed_optimizer=uses_distributed_optimizer(
+                parallel, groups, fp8_param=fp8_param
+            ),
+            fp8_param_gather=fp8_param,
             check_for_nan_in_grad=False,
         )
         wrapped.append(DistributedDataParallel(config, ddp_config, chunk))
@@ -60,7 +73,9 @@ def build_optimizer(
         bf16=bool(model_config.bf16),
         fp16=False,
         params_dtype=model_config.params_dtype,
-        use_distributed_optimizer=parallel.use_distributed_optimizer and groups.dp_size > 1,
+        use_distributed_optimizer=uses_distributed_optimizer(
+            parallel, groups, fp8_param=bool(getattr(model_config, "fp8_param", False))
+        ),
     )
     optimizer = get_megatron_optimizer(optimizer_config, wrapped)
     scheduler = OptimizerParamScheduler(

@@ -96,6 +96,11 @@ class StepPrompts:
         self.loader.load_state_dict(state)
 
 
+def teacher_offload_applies(config: OPDConfig, groups: ParallelGroups) -> bool:
+    """``teacher.offload_teacher`` on a GPU (on CPU the teacher already lives in host memory)."""
+    return config.teacher.offload_teacher and groups.platform.is_cuda
+
+
 def build_components(config: OPDConfig, groups: ParallelGroups) -> RunComponents:
     """Tokenizer, models, engine, data and logger of a run (on every rank)."""
     from megatron_opd.conversion import load_model_weights
@@ -129,19 +134,24 @@ def build_components(config: OPDConfig, groups: ParallelGroups) -> RunComponents
     max_context = student_info.max_position_embeddings
 
     if config.rollout.engine == "vllm":
-        from megatron_opd.conversion.export import gather_hf_weights
+        from megatron_opd.conversion.export import broadcast_hf_weights
         from megatron_opd.rollout.vllm_engine import VLLMRolloutEngine
 
         inner = [unwrap_model(chunk) for chunk in student_chunks]
+        weights_dtype = torch.bfloat16 if config.student.dtype == "bfloat16" else torch.float32
         engine = VLLMRolloutEngine(
-            student_chunks[0],
             groups,
             config.rollout,
-            tokenizer=tokenizer,
             hf_model_dir=str(student_dir),
-            hf_weights=lambda: gather_hf_weights(inner, student_info, groups),
+            hf_weights=lambda: broadcast_hf_weights(
+                inner, student_info, groups, dtype=weights_dtype
+            ),
             eos_token_ids=[tokenizer.eos_id],
             pad_id=tokenizer.pad_id,
+            dtype=config.student.dtype,
+            max_model_len=config.rollout.vllm.max_model_len
+            or config.data.max_prompt_length + config.rollout.max_new_tokens,
+            max_logprobs=max(20, config.prune.top_k),
         )
     else:
         engine = MegatronRolloutEngine(
@@ -193,7 +203,22 @@ def build_components(config: OPDConfig, groups: ParallelGroups) -> RunComponents
         wandb_project=config.logging.wandb_project,
         show_progress=config.logging.progress_bar,
     )
-    offload = config.teacher.offload_teacher and groups.platform.is_cuda
+    offload = teacher_offload_applies(config, groups)
+    teacher_onload = (
+        (lambda: onload(teacher_chunks, groups.platform.device)) if offload else (lambda: None)
+    )
+
+    def make_chunk_listener():
+        # The chunk listener scores every chunk with the teacher during the rollout, long
+        # before the scoring phase onloads it: an offloaded teacher must come back first.
+        teacher_onload()
+        return ChunkScorer(
+            teacher_chunks[0],
+            groups,
+            config.prune,
+            vocab_size=student_info.vocab_size,
+            teacher_temperature=config.loss.teacher_temperature,
+        )
 
     return RunComponents(
         tokenizer=tokenizer,
@@ -204,16 +229,8 @@ def build_components(config: OPDConfig, groups: ParallelGroups) -> RunComponents
         engine=engine,
         dataset=dataset,
         log=log,
-        make_chunk_listener=lambda: ChunkScorer(
-            teacher_chunks[0],
-            groups,
-            config.prune,
-            vocab_size=student_info.vocab_size,
-            teacher_temperature=config.loss.teacher_temperature,
-        ),
+        make_chunk_listener=make_chunk_listener,
         score_micro_batch_size=config.training.max_micro_batch_rows,
-        teacher_onload=(lambda: onload(teacher_chunks, groups.platform.device))
-        if offload
-        else (lambda: None),
+        teacher_onload=teacher_onload,
         teacher_offload=(lambda: offload_to_cpu(teacher_chunks)) if offload else (lambda: None),
     )

@@ -45,7 +45,7 @@ from megatron_opd.prune.trimming import TrimPlan
 from megatron_opd.rollout.batch import RolloutBatch
 from megatron_opd.scoring import score_rollouts
 from megatron_opd.training.forward_step import loss_tensor_names, make_forward_step
-from megatron_opd.training.micro_batches import build_micro_batches
+from megatron_opd.training.micro_batches import build_micro_batches, micro_batch_token_multiple
 from megatron_opd.training.optimizer import (
     build_optimizer,
     gradients_are_finite,
@@ -350,8 +350,7 @@ class Trainer:
                 student_temperature=self.student_temperature,
                 teacher_temperature=cfg.loss.teacher_temperature,
             )
-            if listener is None:
-                self.c.teacher_offload()
+            self.c.teacher_offload()  # done with the teacher until the next rollout
         return batch
 
     # ------------------------------------------------------------------ pieces
@@ -438,6 +437,7 @@ class Trainer:
             loss_tensor_names=loss_tensor_names(
                 self.config.loss, old_from_scoring=self.updates_per_step > 1
             ),
+            pad_to_multiple=micro_batch_token_multiple(self.config.student, self.config.parallel),
         )
         for chunk in self.student:
             chunk.train()
