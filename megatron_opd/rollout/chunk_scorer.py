@@ -37,12 +37,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd.distributed import ParallelGroups
-<<<<<<< HEAD
-from megatron_opd.ops.vocab_parallel import vocab_parallel_log_probs, vocab_parallel_topk_log_probs
-=======
 from megatron_opd.mcore_compat import materialize_all_logits
-from megatron_opd.ops.vocab_parallel import vocab_parallel_topk_log_probs
->>>>>>> issue11
+from megatron_opd.ops.vocab_parallel import vocab_parallel_log_probs, vocab_parallel_topk_log_probs
 from megatron_opd.prune.compat import drift_events
 from megatron_opd.prune.online_stop import OnlineStopper
 from megatron_opd.prune.weights import ReliabilityWeights
