@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd.distributed import ParallelGroups
+from megatron_opd.mcore_compat import inference_mode
 from megatron_opd.ops.vocab_parallel import vocab_parallel_log_probs, vocab_parallel_topk_log_probs
 from megatron_opd.prune.compat import overlap_ratio
 from megatron_opd.rollout.batch import RolloutBatch
@@ -76,13 +77,17 @@ def forward_through_stages(
         )
         dist.recv(hidden, src=groups.pp_global_ranks[groups.pp_rank - 1], group=groups.pp_group)
         model.set_input_tensor(hidden)
-    output = model(
-        input_ids,
-        position_ids,
-        attention_mask,
-        inference_context=inference_context,
-        runtime_gather_output=runtime_gather_output,
-    )
+    # Megatron-Core 0.18+ treats a forward with a context as inference (last-token logits
+    # unless the context asks for all) only inside its InferenceMode (mcore_compat).
+    mode = inference_mode() if inference_context is not None else contextlib.nullcontext()
+    with mode:
+        output = model(
+            input_ids,
+            position_ids,
+            attention_mask,
+            inference_context=inference_context,
+            runtime_gather_output=runtime_gather_output,
+        )
     if not groups.is_last_stage:
         dist.send(
             output.contiguous(),
