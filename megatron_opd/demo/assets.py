@@ -425,6 +425,26 @@ class _ModelPart:
     progress_position: int = 0
 
 
+def _exit_with_parent(parent_pid: int) -> None:
+    """In a worker process: exit as soon as the parent that started it is gone (a killed
+    build must not leave an SFT run behind)."""
+    import os
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _build_model_part_in_worker(part: _ModelPart, parent_pid: int) -> dict:
+    _exit_with_parent(parent_pid)
+    return _build_model_part(part)
+
+
 def _build_model_part(part: _ModelPart) -> dict:
     """Train one model by SFT and publish it (or return the cached report)."""
     s = part.settings
@@ -592,7 +612,9 @@ def make_demo_assets(
 
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-            student_future = pool.submit(_build_model_part, student_part)
+            import os
+
+            student_future = pool.submit(_build_model_part_in_worker, student_part, os.getpid())
             teacher_report = _build_model_part(teacher_part)
             student_report = student_future.result()
     else:
