@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side (1 thread each)")
     parser.add_argument("--pg-lrs", default=None,
                         help="learning rates of the release_pg sweep, one seed "
-                        "(default 3e-5,1e-4,3e-4; --quick: 1e-4)")  # fmt: skip
+                        "(default 1e-4,3e-4,1e-3; --quick: 1e-4)")  # fmt: skip
     parser.add_argument("--pg-lr", type=float, help="skip the sweep: use this release_pg lr")
     parser.add_argument("--quick", action="store_true", help="tiny models and runs: a smoke test")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -90,7 +90,7 @@ def check_args(args) -> tuple[list[str], dict, Path, list[float]]:
     if args.seeds is None:
         args.seeds = [0] if args.quick else [0, 1]
     if args.pg_lrs is None:
-        args.pg_lrs = "1e-4" if args.quick else "3e-5,1e-4,3e-4"
+        args.pg_lrs = "1e-4" if args.quick else "1e-4,3e-4,1e-3"
     if not args.seeds:
         fail("--seeds is empty; give at least one seed, e.g. --seeds 0 1")
     if len(set(args.seeds)) != len(args.seeds):

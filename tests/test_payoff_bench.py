@@ -100,6 +100,10 @@ def test_arms_change_only_the_method(tmp_path):
     assert pg["loss"]["kind"] == "topk_reverse_kl_pg" and pg["prune"]["top_k"] == 16
     assert pg["training"]["num_mini_batches"] == 1 and pg["training"]["lr"] == 1e-4
     assert configs["plain_fkl"]["loss"]["kind"] == "forward_topk_kl"
+    assert configs["plain_fkl"]["training"]["lr"] == 1e-4
+    stop = configs["stop_trim"]
+    assert stop["prune"]["mode"] == "truncate" and not stop["budget"]["enable"]
+    assert configs["truncate"]["budget"]["enable"] and configs["released"]["budget"]["enable"]
     for config in configs.values():  # same data, seeds and evaluation everywhere
         assert config["data"] == base["data"] and config["eval"] == base["eval"]
         assert config["rollout"]["seed"] == base["rollout"]["seed"]

@@ -13,10 +13,14 @@ same seeds; only the method differs:
   response ends at its stop point), the online stop during chunked generation (teacher
   scores kept, so the teacher reads each token once), training-side trimming, and the
   budget.
+- ``stop_trim``: ``truncate`` without the budget: what the online stop and trimming save
+  on their own (``released`` isolates the budget, ``truncate`` has both).
 - ``release_pg``: ``released`` with the release's own loss (``topk_reverse_kl_pg``: the
   top-K reverse-KL reward as PPO advantages, K = 16, one optimizer update per rollout).
 - ``plain_fkl``, ``truncate_fkl``: ``plain`` and ``truncate`` with the forward top-K KL
-  (the demo's loss), kept to show what it does on long responses.
+  (the demo's loss) at lr 1e-4, kept to show what it does on long responses: in probes
+  it made plain OPD worse at every learning rate tried (1e-5 flat, 3e-5 to 1e-3 down to
+  ~0 %), and truncate mode held it off for a while.
 
 Settings shared by every arm (the reasons are in :func:`base_config`): the drift event is
 the sampled token leaving the teacher's 90 % top-p set (the release's second metric; with a
@@ -31,13 +35,14 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-ARMS = ("plain", "released", "truncate", "release_pg", "plain_fkl", "truncate_fkl")
+ARMS = ("plain", "released", "truncate", "stop_trim", "release_pg", "plain_fkl", "truncate_fkl")
 """Every arm, in report order."""
 
 ARM_TITLES = {
     "plain": "(a) plain OPD, fixed max length",
     "released": "(b) Prune-OPD as released (weights + budget)",
     "truncate": "(c) Prune-OPD + online stop + trimming",
+    "stop_trim": "(c0) online stop + trimming, no budget",
     "release_pg": "(d) as (b) with the release's PG loss",
     "plain_fkl": "(a') plain OPD, forward top-K KL",
     "truncate_fkl": "(c') as (c), forward top-K KL",
@@ -149,15 +154,17 @@ def arm_config(base: dict, arm: str, *, pg_lr: float | None = None) -> dict:
     check_arms([arm])
     config = copy.deepcopy(base)
     prune, budget, loss = config["prune"], config["budget"], config["loss"]
-    if arm.startswith("truncate"):
+    if arm.startswith("truncate") or arm == "stop_trim":
         prune.update(enable=True, mode="truncate")
-        budget["enable"] = True
+        budget["enable"] = arm != "stop_trim"
         config["rollout"]["chunk_size"] = 16
     elif arm in ("released", "release_pg"):
         prune.update(enable=True, mode="released")
         budget["enable"] = True
     if arm.endswith("_fkl"):
         loss.update(kind="forward_topk_kl")
+        lr = min(config["training"]["lr"], 1e-4)
+        config["training"].update(lr=lr, min_lr=lr / 10)
     if arm == "release_pg":
         # As released: K = 16, student top-K ids, student_p reward weights, PPO clip,
         # one optimizer update per rollout.

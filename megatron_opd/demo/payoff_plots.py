@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 COLORS = {
-    "plain": "tab:gray", "released": "tab:orange", "truncate": "tab:blue",
+    "plain": "tab:gray", "released": "tab:orange", "truncate": "tab:blue", "stop_trim": "tab:green",
     "release_pg": "tab:purple", "plain_fkl": "tab:brown", "truncate_fkl": "tab:cyan",
 }  # fmt: skip
 
