@@ -172,6 +172,16 @@ def model_logits(
     return forward_through_stages(model, tokens, positions, causal_mask(s, tokens.device), groups)
 
 
+@contextlib.contextmanager
+def naming_the_model(role: str, where: str = "scoring the rollouts") -> Iterator[None]:
+    """Prefix a ValueError of the vocabulary-parallel ops (NaN / +inf logits) with the
+    model whose logits they were, so the message says where to look."""
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(f"{where}, the {role}'s {err}") from None
+
+
 def score_rollouts(
     batch: RolloutBatch,
     *,
@@ -236,16 +246,19 @@ def score_rollouts(
             teacher_logits = teacher_logits[:, first - 1 : length - 1]
             targets = mb_tokens[:, first:length, None]
             cols = slice(first, length)
-            s_lp, s_ids, _ = vocab_parallel_topk_log_probs(
-                student_logits, top_k, tp, vocab_size=vocab_size
-            )
-            t_lp, t_ids, _ = vocab_parallel_topk_log_probs(
-                teacher_logits, top_k, tp, vocab_size=vocab_size
-            )
-            at_ids = torch.cat([targets, s_ids], dim=-1)
-            t_at = vocab_parallel_log_probs(teacher_logits, at_ids, tp, vocab_size=vocab_size)
+            with naming_the_model("student"):
+                s_lp, s_ids, _ = vocab_parallel_topk_log_probs(
+                    student_logits, top_k, tp, vocab_size=vocab_size
+                )
+            with naming_the_model("teacher"):
+                t_lp, t_ids, _ = vocab_parallel_topk_log_probs(
+                    teacher_logits, top_k, tp, vocab_size=vocab_size
+                )
+                at_ids = torch.cat([targets, s_ids], dim=-1)
+                t_at = vocab_parallel_log_probs(teacher_logits, at_ids, tp, vocab_size=vocab_size)
             s_ids_at = torch.cat([targets, t_ids], dim=-1)
-            s_at = vocab_parallel_log_probs(student_logits, s_ids_at, tp, vocab_size=vocab_size)
+            with naming_the_model("student"):
+                s_at = vocab_parallel_log_probs(student_logits, s_ids_at, tp, vocab_size=vocab_size)
             fields["student_topk_ids"][rows, cols] = s_ids
             fields["student_topk_log_probs"][rows, cols] = s_lp
             fields["student_sampled_log_probs"][rows, cols] = s_at[..., 0]
