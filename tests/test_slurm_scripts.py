@@ -246,7 +246,6 @@ def test_convert_sbatch_both_directions(tmp_path):
         DIRECTION="megatron-to-hf",
         MEGATRON_DIR="/runs/ckpt",
         OUT="/ckpt/hf",
-        HF_CONFIG_DIR="/ckpt/Qwen3-1.7B",
     )
     assert done.returncode == 0, done.stderr
     _, command = _split_srun(argv, "python")
@@ -257,8 +256,6 @@ def test_convert_sbatch_both_directions(tmp_path):
         "/runs/ckpt",
         "--out",
         "/ckpt/hf",
-        "--hf-config-dir",
-        "/ckpt/Qwen3-1.7B",
     ]
 
 
