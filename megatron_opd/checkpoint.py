@@ -91,24 +91,25 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     from megatron.core import tensor_parallel
 
     torch.set_rng_state(state["torch"])
-    numpy_state = state["numpy"]
-    np.random.set_state(
-        (
+    numpy_state, python_state = state["numpy"], state["random"]
+    # Checkpoints of earlier versions hold the raw tuples; weights_only reads them only
+    # where numpy's reconstructors are allow-listed (Megatron-Core registers them).
+    if isinstance(numpy_state, dict):
+        numpy_state = (
             numpy_state["kind"],
             numpy_state["keys"].numpy().astype(np.uint32),
             numpy_state["pos"],
             numpy_state["has_gauss"],
             numpy_state["cached_gaussian"],
         )
-    )
-    python_state = state["random"]
-    random.setstate(
-        (
+    np.random.set_state(numpy_state)
+    if isinstance(python_state, dict):
+        python_state = (
             python_state["version"],
             tuple(int(x) for x in python_state["internal"].tolist()),
             python_state["gauss_next"],
         )
-    )
+    random.setstate(python_state)
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

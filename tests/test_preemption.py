@@ -149,6 +149,13 @@ def _alive(pid: int) -> bool:
     return not (status.exists() and status.read_text().split(")")[1].split()[0] == "Z")
 
 
+def _describe(pid: int) -> str:
+    try:
+        return f"{pid}: " + Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return f"{pid}: gone"
+
+
 def _session_members(session_id: int) -> list[int]:
     members = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -205,12 +212,16 @@ def stopped_run(tmp_path_factory):
         pytest.fail(f"the run or a process it started kept stdout open after SIGTERM:\n{err}")
     finally:
         holder.close()
+    # A process that closed its output may still be exiting: give it a moment.
+    deadline = time.monotonic() + 10
+    while _session_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
     return {
         "root": root,
         "overrides": overrides,
         "returncode": proc.returncode,
         "stderr": err,
-        "leftovers": _session_members(proc.pid),
+        "leftovers": [_describe(pid) for pid in _session_members(proc.pid)],
     }
 
 
@@ -303,17 +314,22 @@ def test_a_checkpoint_past_num_steps_is_refused_not_silently_finished(stopped_ru
         preflight_training(_config([*overrides, "training.num_steps=2"]), world_size=1)
 
 
-def test_old_pickled_rng_state_is_refused(stopped_run, tmp_path):
-    """A checkpoint whose RNG file needs full unpickling (code can run on load) is
-    refused; the state written now loads with weights_only=True."""
-    import numpy as np
+class _RunsCodeOnLoad:
+    """A pickle that calls a function when unpickled, as a booby-trapped file would."""
 
+    def __reduce__(self):
+        return (os.getpid, ())
+
+
+def test_an_rng_file_that_would_run_code_is_refused(stopped_run, tmp_path):
+    """The RNG state is read with weights_only=True: the state written now loads that way,
+    and a file whose unpickling would call a function is refused, naming the file."""
     from megatron_opd.training.preflight import preflight_training
 
     overrides, newest, previous = _copy_of_checkpoints(stopped_run, tmp_path)
     rng_file = newest / "rng" / "rank_00000.pt"
     assert set(torch.load(rng_file, weights_only=True)) >= {"torch", "numpy", "random"}
-    torch.save({"numpy": np.random.get_state()}, rng_file)  # the old format
+    torch.save({"torch": _RunsCodeOnLoad()}, rng_file)
     with pytest.raises(ValueError, match=r"rng/rank_00000.pt cannot be read \(UnpicklingError"):
         preflight_training(_config(overrides), world_size=1)
 

@@ -134,10 +134,10 @@ def stop_after_signal(trainer) -> NoReturn:
 
     save_dir = trainer.config.checkpoint.save_dir
     # Step 0 of a fresh run holds nothing worth saving; a resumed step is saved already.
-    if save_dir is not None and trainer.step > 0 and trainer._saved_step != trainer.step:
+    if save_dir is not None and trainer.step > 0 and trainer.last_saved_step != trainer.step:
         trainer.save()
     checkpoint = None
-    if save_dir is not None and trainer._saved_step is not None:
+    if save_dir is not None and trainer.last_saved_step is not None:
         checkpoint = str(find_latest_checkpoint(save_dir))
     name = trainer.stop_signals.signal_name
     log = trainer.c.log
@@ -147,7 +147,10 @@ def stop_after_signal(trainer) -> NoReturn:
             "requeued; set it to make the run resumable"
         )
     elif trainer.groups.rank == 0:
-        write_requeue_marker(trainer.step, checkpoint)
+        try:
+            write_requeue_marker(trainer.step, checkpoint)
+        except OSError as err:  # the checkpoint is safe; only the automatic requeue is lost
+            log.message(f"{name}: cannot write ${REQUEUE_MARKER_ENV} ({err}); resubmit the job")
     where = f"; {checkpoint} holds it" if checkpoint else ""
     log.message(f"{name}: stopped after step {trainer.step}{where}")
     raise TrainingPreempted(step=trainer.step, signal_name=name, checkpoint=checkpoint)

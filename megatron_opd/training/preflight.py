@@ -58,10 +58,8 @@ class PreparedRun:
 
 
 def check_model(model: ModelConfig, role: str, *, tp_size: int, pp_size: int):
-    """The model's ModelInfo; ValueError when its path, config.json, weights or shape
-    (for this TP/PP) are wrong."""
-    from megatron_opd.conversion.hf_io import SafetensorsReader
-    from megatron_opd.conversion.hf_loader import validate_hf_checkpoint
+    """The model's ModelInfo; ValueError when its path or config.json is wrong or its
+    shape does not split over this TP/PP."""
     from megatron_opd.models.builder import check_parallel_layout
     from megatron_opd.models.hf_config import read_model_info
     from megatron_opd.models.megatron_checkpoint import read_conversion_metadata
@@ -77,10 +75,7 @@ def check_model(model: ModelConfig, role: str, *, tp_size: int, pp_size: int):
             tp_size=tp_size,
         )
         metadata = read_conversion_metadata(model.path)
-        if metadata is None:
-            with SafetensorsReader(model.path) as reader:
-                validate_hf_checkpoint(reader, info)
-        elif int(metadata["padded_vocab_size"]) % tp_size:
+        if metadata is not None and int(metadata["padded_vocab_size"]) % tp_size:
             raise ValueError(
                 f"its padded vocabulary of {metadata['padded_vocab_size']} rows is not "
                 f"divisible by parallel.tensor_parallel_size={tp_size}; convert it again with "
@@ -90,6 +85,23 @@ def check_model(model: ModelConfig, role: str, *, tp_size: int, pp_size: int):
     except ValueError as err:
         raise ValueError(f"{role}.path={model.path}: {err}") from None
     return info
+
+
+def check_weights(model: ModelConfig, info, role: str) -> None:
+    """ValueError when an HF directory's safetensors do not match its config.json (names
+    and shapes from the file headers; no tensor is read). A converted checkpoint is
+    complete by then (:func:`check_model` read its COMPLETE marker)."""
+    from megatron_opd.conversion.hf_io import SafetensorsReader
+    from megatron_opd.conversion.hf_loader import validate_hf_checkpoint
+    from megatron_opd.models.megatron_checkpoint import is_megatron_checkpoint
+
+    if is_megatron_checkpoint(model.path):
+        return
+    try:
+        with SafetensorsReader(model.path) as reader:
+            validate_hf_checkpoint(reader, info)
+    except ValueError as err:
+        raise ValueError(f"{role}.path={model.path}: {err}") from None
 
 
 def check_world(config: OPDConfig, world_size: int) -> int:
@@ -225,6 +237,8 @@ def preflight_training(config: OPDConfig, *, world_size: int) -> PreparedRun:
     student = check_model(config.student, "student", **layout)
     teacher = check_model(config.teacher, "teacher", **layout)
     check_vocab_compatible(student.hf_dir, teacher.hf_dir)
+    check_weights(config.student, student, "student")
+    check_weights(config.teacher, teacher, "teacher")
     config.prune.check_vocab_size(student.vocab_size)
     tokenizer = load_tokenizer(student.hf_dir)
     check_tokenizer(tokenizer, student, "student")
@@ -282,6 +296,7 @@ def preflight_evaluation(config: OPDConfig, *, world_size: int) -> None:
         tp_size=parallel.tensor_parallel_size,
         pp_size=parallel.pipeline_parallel_size,
     )
+    check_weights(config.student, student, "student")
     check_tokenizer(load_tokenizer(student.hf_dir), student, "student")
     check_eval_sets(config.eval)
     if config.logging.log_dir is not None:

@@ -82,7 +82,7 @@ class Trainer:
         self.groups = groups
         self.c = components
         self.stop_signals = stop_signals
-        self._saved_step: int | None = None
+        self.last_saved_step: int | None = None
         """Step of the newest checkpoint this run wrote or resumed from."""
         self.student = wrap_student_for_training(components.student_chunks, config.parallel, groups)
         self.optimizer, self.scheduler = build_optimizer(
@@ -138,7 +138,7 @@ class Trainer:
             expected_model=self.c.student_summary,
         )
         self.step = int(state["step"])
-        self._saved_step = self.step
+        self.last_saved_step = self.step
         self.budget.load_state_dict(state["budget"])
         self.c.dataset.load_state_dict(state["data"])
         self.consecutive_bad_steps = int(state.get("consecutive_bad_steps", 0))
@@ -157,7 +157,7 @@ class Trainer:
         ckpt = self.config.checkpoint
         if ckpt.save_dir is None:
             return
-        self._saved_step = self.step
+        self.last_saved_step = self.step
         save_checkpoint(
             ckpt.save_dir,
             self.step,
@@ -229,7 +229,7 @@ class Trainer:
             interval = cfg.checkpoint.save_interval
             if interval and self.step % interval == 0:
                 self.save()
-        if cfg.checkpoint.save_dir and self._saved_step != self.step:
+        if cfg.checkpoint.save_dir and self.last_saved_step != self.step:
             self.save()
         if evaluate_ends:
             self._evaluate_and_log()  # ... and after
