@@ -107,14 +107,15 @@ opd_srun_requeueable() {
   export OPD_REQUEUE_MARKER
   rm -f "$OPD_REQUEUE_MARKER"
   OPD_SIGNALS_SEEN=""
-  echo "[$(date +%FT%T)] job $SLURM_JOB_ID, start ${SLURM_RESTART_COUNT:-0} (requeues so far)"
+  echo "[$(date +%FT%T)] job $SLURM_JOB_ID, requeued ${SLURM_RESTART_COUNT:-0} time(s) so far"
   opd_srun_args
   echo "+ srun ${OPD_SRUN_ARGS[*]} $*"
+  OPD_SRUN_PID=""
+  trap 'opd_forward_signal USR1' USR1
+  trap 'opd_forward_signal TERM' TERM
   # In the background: bash runs traps only between commands, never during a foreground one.
   srun "${OPD_SRUN_ARGS[@]}" "$@" &
   OPD_SRUN_PID=$!
-  trap 'opd_forward_signal USR1' USR1
-  trap 'opd_forward_signal TERM' TERM
   local status=0
   # `wait` returns early (status > 128) whenever a trapped signal arrives; wait again
   # until srun is gone, then once more for its real exit status.
@@ -141,7 +142,7 @@ opd_srun_requeueable() {
 opd_forward_signal() { # USR1 | TERM
   OPD_SIGNALS_SEEN+=" $1"
   echo "[$(date +%FT%T)] batch shell got SIG$1: forwarding it to the tasks"
-  kill -s "$1" "$OPD_SRUN_PID" 2>/dev/null || true
+  [ -z "$OPD_SRUN_PID" ] || kill -s "$1" "$OPD_SRUN_PID" 2>/dev/null || true
 }
 
 # Layout overrides for the trainer: TP/PP if exported, else the MODEL file's defaults.
