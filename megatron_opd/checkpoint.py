@@ -5,7 +5,8 @@ Layout of ``save_dir``::
     step_00000010/                 one complete checkpoint
         model_optim/               dist_checkpointing (model + optimizer), layout-agnostic
         trainer_state.json         step, ResponseBudget, data position, config, metrics tail
-        rng/rank_00000.pt          per-rank RNG states (torch, Megatron's tracker, numpy, random)
+        rng/rank_00000.pt          per-rank RNG states (torch, Megatron's tracker, numpy, random),
+                                   tensors and plain values only: read with weights_only=True
         COMPLETE                   written last: a directory without it is never loaded
     latest                         text file naming the newest complete step directory
 
@@ -15,6 +16,13 @@ Atomicity: every rank writes into ``.tmp-step_XXXXXXXX``; after a barrier, rank 
 directory, which is ignored (and removed by the next save), so the previous checkpoint
 stays the one that loads. Old checkpoints beyond ``keep_last`` are removed after the new
 one is in place. A shared filesystem across nodes is assumed, as with Megatron-LM.
+
+A complete checkpoint can still be damaged later (a truncated copy, a full disk on a
+restore, bit rot). :func:`verify_checkpoint_files` reads every small file and compares
+each shard file's size with the byte ranges its metadata records, without loading a
+tensor, so a damaged checkpoint is refused before any process group exists, naming the
+previous complete checkpoint to resume from; :func:`load_checkpoint` reports read errors
+the same way.
 """
 
 from __future__ import annotations
@@ -47,13 +55,30 @@ def _barrier() -> None:
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """Every RNG this process draws from (restored by :func:`restore_rng_state`)."""
+    """Every RNG this process draws from (restored by :func:`restore_rng_state`).
+
+    Only tensors, numbers, strings and containers of them, so that ``torch.load(...,
+    weights_only=True)`` reads it back: a checkpoint received from someone else cannot
+    run code on load (numpy's and Python's states are stored as int64 tensors).
+    """
     from megatron.core import tensor_parallel
 
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "random": random.getstate(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "random": {
+            "version": int(version),
+            "internal": torch.tensor(internal, dtype=torch.int64),
+            "gauss_next": gauss_next,
+        },
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
     if torch.cuda.is_available():
@@ -66,8 +91,25 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     from megatron.core import tensor_parallel
 
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["random"])
+    numpy_state, python_state = state["numpy"], state["random"]
+    # Checkpoints of earlier versions hold the raw tuples; weights_only reads them only
+    # where numpy's reconstructors are allow-listed (Megatron-Core registers them).
+    if isinstance(numpy_state, dict):
+        numpy_state = (
+            numpy_state["kind"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    np.random.set_state(numpy_state)
+    if isinstance(python_state, dict):
+        python_state = (
+            python_state["version"],
+            tuple(int(x) for x in python_state["internal"].tolist()),
+            python_state["gauss_next"],
+        )
+    random.setstate(python_state)
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -113,6 +155,9 @@ def save_checkpoint(
     """
     from megatron.core import dist_checkpointing
 
+    from megatron_opd.checkpoint_queue import install_checkpoint_results_queue
+
+    install_checkpoint_results_queue()
     save_dir = Path(save_dir)
     final = save_dir / _step_dir_name(step)
     tmp = save_dir / f".tmp-{final.name}"
@@ -177,6 +222,115 @@ def find_latest_checkpoint(save_dir: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def check_steps_left(checkpoint_step: int, num_steps: int, checkpoint: str | Path) -> None:
+    """ValueError when a checkpoint is past ``training.num_steps`` (resuming it would
+    otherwise end the run at once, silently)."""
+    if checkpoint_step > num_steps:
+        raise ValueError(
+            f"checkpoint {checkpoint} is at step {checkpoint_step}, past training.num_steps="
+            f"{num_steps}; raise training.num_steps to continue that run, or set "
+            "checkpoint.save_dir (and checkpoint.load_dir) elsewhere to start a new one"
+        )
+
+
+class DamagedCheckpointError(ValueError):
+    """A complete-looking checkpoint whose files cannot be read; the message names the
+    previous complete checkpoint to resume from."""
+
+
+def previous_complete_checkpoint(checkpoint_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint beside ``checkpoint_dir`` older than it, or None."""
+    checkpoint_dir = Path(checkpoint_dir)
+    siblings = sorted(
+        p
+        for p in checkpoint_dir.parent.glob(f"{_STEP_PREFIX}*")
+        if (p / _COMPLETE).is_file() and p.name < checkpoint_dir.name
+    )
+    return siblings[-1] if siblings else None
+
+
+def _damaged(checkpoint_dir: Path, what: str, err: BaseException) -> DamagedCheckpointError:
+    previous = previous_complete_checkpoint(checkpoint_dir)
+    if previous is not None:
+        fix = (
+            f"the previous complete checkpoint is {previous}: resume from it with "
+            f"checkpoint.load_dir={previous}, or move {checkpoint_dir} out of "
+            f"{checkpoint_dir.parent} (the run then resumes from {previous.name} by itself)"
+        )
+    else:
+        fix = (
+            f"there is no earlier complete checkpoint in {checkpoint_dir.parent}; move "
+            f"{checkpoint_dir} away to start from step 0"
+        )
+    detail = f"{type(err).__name__}: {err}".strip().rstrip(":")
+    return DamagedCheckpointError(
+        f"checkpoint {checkpoint_dir} is damaged: {what} cannot be read ({detail}); {fix}"
+    )
+
+
+def read_trainer_state(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """``trainer_state.json`` of a checkpoint; DamagedCheckpointError if unreadable."""
+    checkpoint_dir = Path(checkpoint_dir)
+    path = checkpoint_dir / "trainer_state.json"
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("no integer 'step' in it")
+    except (OSError, ValueError) as err:
+        raise _damaged(checkpoint_dir, path.name, err) from None
+    return state
+
+
+def _read_rng_file(checkpoint_dir: Path, rng_file: Path) -> dict[str, Any]:
+    try:
+        return torch.load(rng_file, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - truncation, garbage, or a pickle we refuse
+        raise _damaged(checkpoint_dir, f"rng/{rng_file.name}", err) from None
+
+
+def verify_checkpoint_files(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """Check that every file of a complete checkpoint is readable and whole, without
+    loading a tensor or needing a process group; return its trainer state.
+
+    Reads trainer_state.json, Megatron's metadata.json and common.pt, the torch
+    distributed-checkpoint index (``.metadata``) and every RNG file, and checks that each
+    shard file is at least as long as the byte ranges the index records in it (a copy cut
+    short fails here). Raises DamagedCheckpointError naming the file and the previous
+    complete checkpoint.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    checkpoint_dir = Path(checkpoint_dir)
+    state = read_trainer_state(checkpoint_dir)
+    model_optim = checkpoint_dir / "model_optim"
+    try:
+        json.loads((model_optim / "metadata.json").read_text())
+    except (OSError, ValueError) as err:
+        raise _damaged(checkpoint_dir, "model_optim/metadata.json", err) from None
+    try:
+        torch.load(model_optim / "common.pt", weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise _damaged(checkpoint_dir, "model_optim/common.pt", err) from None
+    try:
+        index = FileSystemReader(str(model_optim)).read_metadata()
+    except Exception as err:  # noqa: BLE001 - unpickling a cut file raises anything
+        raise _damaged(checkpoint_dir, "model_optim/.metadata", err) from None
+    needed: dict[str, int] = {}
+    for info in index.storage_data.values():
+        end = info.offset + info.length
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, size in sorted(needed.items()):
+        path = model_optim / name
+        actual = path.stat().st_size if path.is_file() else None
+        if actual is None or actual < size:
+            have = "missing" if actual is None else f"{actual} bytes"
+            err = OSError(f"the index records {size} bytes, the file has {have}")
+            raise _damaged(checkpoint_dir, f"model_optim/{name}", err)
+    for rng_file in sorted((checkpoint_dir / "rng").glob("rank_*.pt")):
+        _read_rng_file(checkpoint_dir, rng_file)
+    return state
+
+
 def load_checkpoint(
     checkpoint_dir: str | Path,
     *,
@@ -190,7 +344,8 @@ def load_checkpoint(
 
     ``expected_model`` (e.g. the student's architecture summary) is compared with the one
     saved in the trainer state; a checkpoint of another model is refused with the fields
-    that differ, before any tensor is read.
+    that differ, before any tensor is read. Unreadable files raise
+    DamagedCheckpointError (see :func:`verify_checkpoint_files`).
     """
     from megatron.core import dist_checkpointing
 
@@ -200,7 +355,7 @@ def load_checkpoint(
             f"{checkpoint_dir} is not a complete checkpoint (no {_COMPLETE} marker); point "
             "checkpoint.load_dir at a step_* directory or at the save directory"
         )
-    trainer_state = json.loads((checkpoint_dir / "trainer_state.json").read_text())
+    trainer_state = read_trainer_state(checkpoint_dir)
     if expected_model is not None and "model" in trainer_state:
         saved = trainer_state["model"]
         diffs = [
@@ -214,8 +369,13 @@ def load_checkpoint(
                 + "; ".join(diffs)
                 + "); load a checkpoint of this student or start without checkpoint.load_dir"
             )
+    rng_file = checkpoint_dir / "rng" / f"rank_{groups.rank:05d}.pt"
+    rng_state = _read_rng_file(checkpoint_dir, rng_file) if rng_file.is_file() else None
     state = _sharded_state_dict(model_chunks, optimizer, is_loading=True)
-    loaded = dist_checkpointing.load(state, str(checkpoint_dir / "model_optim"))
+    try:
+        loaded = dist_checkpointing.load(state, str(checkpoint_dir / "model_optim"))
+    except Exception as err:  # noqa: BLE001 - torch/Megatron raise many types on bad files
+        raise _damaged(checkpoint_dir, "model_optim (model and optimizer shards)", err) from err
     for index, chunk in enumerate(model_chunks):
         key = "model" if len(model_chunks) == 1 else f"model{index}"
         unwrap_model(chunk).load_state_dict(loaded[key])
@@ -223,7 +383,6 @@ def load_checkpoint(
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None and "lr_scheduler" in trainer_state:
         scheduler.load_state_dict(trainer_state["lr_scheduler"])
-    rng_file = checkpoint_dir / "rng" / f"rank_{groups.rank:05d}.pt"
-    if rng_file.is_file():
-        restore_rng_state(torch.load(rng_file, weights_only=False))
+    if rng_state is not None:
+        restore_rng_state(rng_state)
     return trainer_state

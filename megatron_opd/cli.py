@@ -6,15 +6,21 @@
     megatron-opd convert hf-to-megatron|megatron-to-hf|verify ...
     megatron-opd config [--config FILE]      # print every field with its documentation
 
-``train`` and ``eval`` are launched once per process by torchrun or srun; the config is
-parsed and validated before any process group is created, so a bad config fails at once
-on every rank with the field name.
+``train`` and ``eval`` are launched once per process by torchrun or srun. The config is
+parsed and validated, then every check that needs no process group runs
+(:mod:`megatron_opd.training.preflight`: model paths, vocabularies, layout, data, eval sets,
+writable outputs, the checkpoint to resume), before any process group is created: a
+mistake fails at once, as one ``error: ...`` line printed by rank 0 (exit status 2).
+
+``train`` stops cleanly on SIGTERM / SIGUSR1: it finishes the step, saves, and exits with
+status 75 so the job can be requeued (:mod:`megatron_opd.training.preemption`).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 
 def _parse_train_args(argv: list[str], prog: str) -> argparse.Namespace:
@@ -24,6 +30,16 @@ def _parse_train_args(argv: list[str], prog: str) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _exit_once(line: str, status: int = 2) -> NoReturn:
+    """Print ``line`` on the launch's rank 0 only (every rank hits the same mistake),
+    then exit with ``status`` on every rank."""
+    from megatron_opd.launch_env import launch_rank
+
+    if launch_rank() == 0:
+        print(line, file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
 def _load(args: argparse.Namespace):
     from megatron_opd.config.loader import load_config
     from megatron_opd.config.opd import OPDConfig
@@ -31,7 +47,48 @@ def _load(args: argparse.Namespace):
     try:
         return load_config(OPDConfig, args.config, args.overrides)
     except ValueError as err:
-        sys.exit(f"config error: {err}")
+        _exit_once(f"config error: {err}")
+
+
+def _preflight(check, config):
+    """``check(config, world_size=...)``, its failure reported as one ``error:`` line."""
+    from megatron_opd.launch_env import launch_world_size
+
+    try:
+        return check(config, world_size=launch_world_size())
+    except ValueError as err:
+        _exit_once(f"error: {err}")
+
+
+def _train(rest: list[str]) -> None:
+    from megatron_opd.training.preemption import (
+        REQUEUE_EXIT_CODE,
+        StopSignals,
+        TrainingPreempted,
+    )
+
+    # First: a signal that arrives while the models load still ends in a clean stop.
+    with StopSignals() as stop_signals:
+        config = _load(_parse_train_args(rest, "megatron-opd train"))
+        from megatron_opd.training.preflight import preflight_training
+
+        prepared = _preflight(preflight_training, config)
+        from megatron_opd.train import run_training
+
+        try:
+            run_training(config, stop_signals=stop_signals, prepared=prepared)
+        except TrainingPreempted:
+            sys.exit(REQUEUE_EXIT_CODE)  # the trainer said where the checkpoint is
+
+
+def _eval(rest: list[str]) -> None:
+    config = _load(_parse_train_args(rest, "megatron-opd eval"))
+    from megatron_opd.training.preflight import preflight_evaluation
+
+    _preflight(preflight_evaluation, config)
+    from megatron_opd.evaluate import run_evaluation
+
+    run_evaluation(config)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,15 +100,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     command, rest = argv[0], argv[1:]
     if command == "train":
-        config = _load(_parse_train_args(rest, "megatron-opd train"))
-        from megatron_opd.train import run_training
-
-        run_training(config)
+        _train(rest)
     elif command == "eval":
-        config = _load(_parse_train_args(rest, "megatron-opd eval"))
-        from megatron_opd.evaluate import run_evaluation
-
-        run_evaluation(config)
+        _eval(rest)
     elif command == "demo":
         from megatron_opd.demo.run import main as demo_main
 

@@ -1,7 +1,8 @@
 """Process-group set-up from torchrun or SLURM, and the ParallelGroups handed to everything.
 
-``init_distributed`` reads the launcher's environment, creates the default process group
-(NCCL on GPU, gloo on CPU, with a short timeout so a dead rank fails the job quickly),
+``init_distributed`` reads the launcher's environment (:mod:`megatron_opd.launch_env`),
+creates the default process group (NCCL on GPU, gloo on CPU, with a short timeout so a
+dead rank fails the job quickly),
 lets Megatron-Core build its TP/PP/DP/CP groups, and returns one :class:`ParallelGroups`.
 Code below the trainer takes that object (or one of its groups) as an argument and never
 calls Megatron's global ``parallel_state`` getters.
@@ -9,8 +10,6 @@ calls Megatron's global ``parallel_state`` getters.
 
 from __future__ import annotations
 
-import os
-import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -18,80 +17,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd.config.parallel import ParallelConfig
-from megatron_opd.platform import Platform, detect_platform, reset_attention_backend_env
-
-
-@dataclass(frozen=True, kw_only=True)
-class LaunchEnv:
-    """Rank layout of this process as told by the launcher."""
-
-    rank: int
-    """Global rank."""
-    world_size: int
-    """Number of processes in the job."""
-    local_rank: int
-    """Rank on this node (selects the GPU)."""
-    master_addr: str
-    """Rendezvous host."""
-    master_port: int
-    """Rendezvous port."""
-
-
-def read_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
-    """Read rank/world/rendezvous from torchrun variables, else from SLURM's.
-
-    Under ``srun``, MASTER_ADDR defaults to the first host of SLURM_JOB_NODELIST
-    (``scontrol show hostnames``) and MASTER_PORT to 29500 + job id % 1000.
-    A single process with no launcher is rank 0 of 1 on localhost.
-    """
-    env = os.environ if environ is None else environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return LaunchEnv(
-            rank=int(env["RANK"]),
-            world_size=int(env["WORLD_SIZE"]),
-            local_rank=int(env.get("LOCAL_RANK", "0")),
-            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(env.get("MASTER_PORT", "29500")),
-        )
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        master_addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST"))
-        job_id = int(env.get("SLURM_JOB_ID", "0"))
-        return LaunchEnv(
-            rank=int(env["SLURM_PROCID"]),
-            world_size=int(env["SLURM_NTASKS"]),
-            local_rank=int(env.get("SLURM_LOCALID", "0")),
-            master_addr=master_addr,
-            master_port=int(env.get("MASTER_PORT", str(29500 + job_id % 1000))),
-        )
-    return LaunchEnv(
-        rank=0,
-        world_size=1,
-        local_rank=0,
-        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-        master_port=int(env.get("MASTER_PORT", "29500")),
-    )
-
-
-def _first_slurm_host(nodelist: str | None) -> str:
-    if not nodelist:
-        return "127.0.0.1"
-    try:
-        out = subprocess.run(
-            ["scontrol", "show", "hostnames", nodelist],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        ).stdout
-        return out.split()[0]
-    except (OSError, subprocess.SubprocessError, IndexError):
-        # Without scontrol a plain single-host list ("node01") is still usable.
-        if "[" not in nodelist and "," not in nodelist:
-            return nodelist
-        raise ValueError(
-            f"cannot resolve MASTER_ADDR from SLURM_JOB_NODELIST={nodelist!r}: scontrol is "
-            "not available; export MASTER_ADDR in the sbatch script"
-        ) from None
+from megatron_opd.launch_env import LaunchEnv, read_launch_env
+from megatron_opd.platform import Platform, detect_platform
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -198,7 +125,6 @@ def init_distributed(
         # Megatron takes whole minutes; the default group's timeout above is the tight one.
         distributed_timeout_minutes=max(1, -(-config.timeout_seconds // 60)),
     )
-    reset_attention_backend_env()
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
     return _collect_groups(platform)

@@ -208,11 +208,25 @@ def _define_missing_te_symbols() -> None:
         moe_utils.te_general_gemm = None
 
 
+_ATTENTION_ENV_KEYS = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
+# What the user exported (slurm/env.sh, the shell) before Megatron wrote anything: read at
+# import, which precedes every model build.
+_USER_ATTENTION_ENV = {key: os.environ[key] for key in _ATTENTION_ENV_KEYS if key in os.environ}
+
+
 def reset_attention_backend_env() -> None:
-    """Clear the NVTE_*_ATTN variables GPTModel writes, so a second model in the same
-    process may pick another attention backend (Megatron asserts on a conflicting value)."""
-    for key in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
+    """Before a GPTModel build: clear the NVTE_*_ATTN variables. GPTModel writes them
+    from its ``attention_backend`` and asserts that any value already there agrees, so a
+    user's ``NVTE_FUSED_ATTN=0`` or a previous model's values would fail the build."""
+    for key in _ATTENTION_ENV_KEYS:
         os.environ.pop(key, None)
+
+
+def restore_user_attention_env() -> None:
+    """After a GPTModel build: put back the NVTE_*_ATTN values the user exported.
+    Transformer Engine reads them when it first picks an attention kernel (at the first
+    forward), so the user's choice, e.g. ``NVTE_FUSED_ATTN=0``, holds."""
+    os.environ.update(_USER_ATTENTION_ENV)
 
 
 @functools.cache

@@ -177,6 +177,16 @@ def model_logits(
     return forward_through_stages(model, tokens, positions, causal_mask(s, tokens.device), groups)
 
 
+@contextlib.contextmanager
+def naming_the_model(role: str, where: str = "scoring the rollouts") -> Iterator[None]:
+    """Prefix a ValueError of the vocabulary-parallel ops (NaN / +inf logits) with the
+    model whose logits they were, so the message says where to look."""
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(f"{where}, the {role}'s {err}") from None
+
+
 def score_rollouts(
     batch: RolloutBatch,
     *,
@@ -266,21 +276,30 @@ def score_rollouts(
             if fused:
                 s_ids = batch.student_topk_ids[rows, cols].to(device)
                 t_ids = batch.teacher_topk_ids[rows, cols].to(device)
-                s_at = vocab_parallel_log_probs(
-                    student_logits, torch.cat([targets, s_ids, t_ids], dim=-1), tp, **student_t
-                )
+                with naming_the_model("student"):
+                    s_at = vocab_parallel_log_probs(
+                        student_logits, torch.cat([targets, s_ids, t_ids], dim=-1), tp,
+                        **student_t,
+                    )  # fmt: skip
                 fields["student_topk_log_probs"][rows, cols] = s_at[..., 1 : 1 + top_k]
                 fields["student_sampled_log_probs"][rows, cols] = s_at[..., 0]
                 fields["student_log_probs_at_teacher_ids"][rows, cols] = s_at[..., 1 + top_k :]
                 continue
             teacher_logits = teacher_logits[:, first - 1 : length - 1]
             teacher_t = dict(temperature=teacher_temperature, vocab_size=vocab_size)
-            s_lp, s_ids, _ = vocab_parallel_topk_log_probs(student_logits, top_k, tp, **student_t)
-            t_lp, t_ids, _ = vocab_parallel_topk_log_probs(teacher_logits, top_k, tp, **teacher_t)
-            at_ids = torch.cat([targets, s_ids], dim=-1)
-            t_at = vocab_parallel_log_probs(teacher_logits, at_ids, tp, **teacher_t)
+            with naming_the_model("student"):
+                s_lp, s_ids, _ = vocab_parallel_topk_log_probs(
+                    student_logits, top_k, tp, **student_t
+                )
+            with naming_the_model("teacher"):
+                t_lp, t_ids, _ = vocab_parallel_topk_log_probs(
+                    teacher_logits, top_k, tp, **teacher_t
+                )
+                at_ids = torch.cat([targets, s_ids], dim=-1)
+                t_at = vocab_parallel_log_probs(teacher_logits, at_ids, tp, **teacher_t)
             s_ids_at = torch.cat([targets, t_ids], dim=-1)
-            s_at = vocab_parallel_log_probs(student_logits, s_ids_at, tp, **student_t)
+            with naming_the_model("student"):
+                s_at = vocab_parallel_log_probs(student_logits, s_ids_at, tp, **student_t)
             fields["student_topk_ids"][rows, cols] = s_ids
             fields["student_topk_log_probs"][rows, cols] = s_lp
             fields["student_sampled_log_probs"][rows, cols] = s_at[..., 0]

@@ -3,7 +3,7 @@
 # one task per GPU on every node of the allocation.
 #
 # Every task runs the megatron_opd entry point directly; the trainer reads SLURM_PROCID,
-# SLURM_NTASKS and SLURM_LOCALID itself (megatron_opd/distributed.py read_launch_env), so
+# SLURM_NTASKS and SLURM_LOCALID itself (megatron_opd/launch_env.py read_launch_env), so
 # there is no torchrun. MASTER_ADDR is the first host of the allocation.
 #
 # Settings (environment; all optional):
@@ -17,6 +17,9 @@
 #                       or /shared/images/megatron-opd.sqsh)
 #   CONTAINER_MOUNTS    pyxis mounts                                 (default: REPO_DIR on itself)
 #   EXTRA_SRUN_ARGS     more srun flags, word-split                  (e.g. "--cpu-bind=none")
+#   OPD_CPUS_PER_TASK   srun --cpus-per-task                         (default: the job's SLURM_CPUS_PER_TASK)
+#   OPD_REQUEUE_MARKER  file the trainer writes when it stopped on a (default: REPO_DIR/.slurm_requeue/<job id>;
+#                       signal after saving (training scripts)       must be visible to the batch shell and rank 0)
 
 # The sbatch scripts set REPO_DIR (default: the submit directory) before sourcing this.
 : "${REPO_DIR:?set REPO_DIR to the megatron_opd checkout}"
@@ -49,59 +52,25 @@ opd_source_model() { # name, e.g. qwen3_8b
   fi
   # shellcheck source=/dev/null
   source "$file"
-  opd_model_args
+  : "${MODEL_TP:?$file sets no MODEL_TP}" "${MODEL_PP:?$file sets no MODEL_PP}"
 }
 
-# The loaded model's facts as Megatron-LM flags, for tools that take them (pretrain_gpt.py
-# style). Fills the array MODEL_ARGS from NUM_LAYERS, HIDDEN_SIZE, ..., QK_LAYERNORM,
-# QKV_BIAS, TIE_WORD_EMBEDDINGS (opd_source_model calls it after loading a model file).
-opd_model_args() {
-  local flag
-  for flag in QK_LAYERNORM QKV_BIAS TIE_WORD_EMBEDDINGS; do
-    case ${!flag:?the model file sets no $flag} in
-      true | false) ;;
-      *)
-        echo "$flag=${!flag} in the model file: expected true or false" >&2
-        exit 2
-        ;;
-    esac
-  done
-  MODEL_ARGS=(
-    --swiglu
-    --normalization RMSNorm
-    --norm-epsilon "${RMS_NORM_EPS:?}"
-    --position-embedding-type rope
-    --rotary-base "${ROPE_THETA:?}"
-    --num-layers "${NUM_LAYERS:?}"
-    --hidden-size "${HIDDEN_SIZE:?}"
-    --ffn-hidden-size "${FFN_HIDDEN_SIZE:?}"
-    --num-attention-heads "${NUM_ATTENTION_HEADS:?}"
-  )
-  if [ "${NUM_KV_HEADS:?}" != "$NUM_ATTENTION_HEADS" ]; then
-    MODEL_ARGS+=(--group-query-attention --num-query-groups "$NUM_KV_HEADS")
-  fi
-  MODEL_ARGS+=(
-    --kv-channels "${HEAD_DIM:?}"
-    --vocab-size "${VOCAB_SIZE:?}"
-    --max-position-embeddings "${MAX_POSITION_EMBEDDINGS:?}"
-    --disable-bias-linear # no bias on the linear layers, except q/k/v in Qwen2 below
-  )
-  [ "$QK_LAYERNORM" = false ] || MODEL_ARGS+=(--qk-layernorm)
-  [ "$QKV_BIAS" = false ] || MODEL_ARGS+=(--add-qkv-bias)
-  [ "$TIE_WORD_EMBEDDINGS" = true ] || MODEL_ARGS+=(--untie-embeddings-and-output-weights)
-}
-
-# srun the given command once per GPU on every node (NUM_NODES x TASKS_PER_NODE tasks).
-opd_srun() {
-  local srun_args=(
+# The srun options of one task per GPU on every node; fills the array OPD_SRUN_ARGS.
+opd_srun_args() {
+  OPD_SRUN_ARGS=(
     --nodes="$NUM_NODES"
+    --ntasks="$((NUM_NODES * TASKS_PER_NODE))"
     --ntasks-per-node="$TASKS_PER_NODE"
     --kill-on-bad-exit=1 # one failed rank ends the step instead of hanging in NCCL
     --label
     --chdir="$REPO_DIR"
   )
+  # Since Slurm 22.05 srun no longer inherits sbatch's --cpus-per-task: without it every
+  # task gets one CPU (one core for data loading, tokenization and the Python side).
+  local cpus=${OPD_CPUS_PER_TASK:-${SLURM_CPUS_PER_TASK:-}}
+  [ -z "$cpus" ] || OPD_SRUN_ARGS+=(--cpus-per-task="$cpus")
   if [ -n "${CONTAINER_IMAGE:-}" ]; then
-    srun_args+=(
+    OPD_SRUN_ARGS+=(
       --container-image="$CONTAINER_IMAGE"
       --container-mounts="${CONTAINER_MOUNTS:-$REPO_DIR:$REPO_DIR}"
       --container-workdir="$REPO_DIR"
@@ -111,12 +80,69 @@ opd_srun() {
   if [ -n "${EXTRA_SRUN_ARGS:-}" ]; then
     local extra
     read -r -a extra <<<"$EXTRA_SRUN_ARGS"
-    srun_args+=("${extra[@]}")
+    OPD_SRUN_ARGS+=("${extra[@]}")
   fi
   echo "[$(date +%FT%T)] job $SLURM_JOB_ID: $NUM_NODES node(s) x $TASKS_PER_NODE task(s)," \
     "master $MASTER_ADDR:$MASTER_PORT${CONTAINER_IMAGE:+, image $CONTAINER_IMAGE}"
-  echo "+ srun ${srun_args[*]} $*"
-  srun "${srun_args[@]}" "$@"
+}
+
+# srun the given command once per GPU on every node (NUM_NODES x TASKS_PER_NODE tasks).
+opd_srun() {
+  opd_srun_args
+  echo "+ srun ${OPD_SRUN_ARGS[*]} $*"
+  srun "${OPD_SRUN_ARGS[@]}" "$@"
+}
+
+# opd_srun for training, made preemption-safe. The sbatch header asks for
+# `--signal=B:USR1@<lead>`: before the time limit Slurm signals this batch shell only, so
+# the shell forwards the signal to srun, which forwards it to every task. The trainer
+# finishes its step, saves, and rank 0 writes $OPD_REQUEUE_MARKER; seeing the marker, the
+# shell requeues the job (`--requeue`), which then resumes from the checkpoint by itself.
+# SIGUSR1 sent to the tasks only (`scancel --signal=USR1 <job>`) ends the same way.
+# SIGTERM (scancel, preemption, `scontrol requeue`) is forwarded too, so the trainer saves
+# if it can within KillWait/GraceTime, but the shell never requeues after it: a cancelled
+# job must stay cancelled, and Slurm requeues a preempted one itself.
+opd_srun_requeueable() {
+  OPD_REQUEUE_MARKER=${OPD_REQUEUE_MARKER:-$REPO_DIR/.slurm_requeue/$SLURM_JOB_ID}
+  export OPD_REQUEUE_MARKER
+  rm -f "$OPD_REQUEUE_MARKER"
+  OPD_SIGNALS_SEEN=""
+  echo "[$(date +%FT%T)] job $SLURM_JOB_ID, requeued ${SLURM_RESTART_COUNT:-0} time(s) so far"
+  opd_srun_args
+  echo "+ srun ${OPD_SRUN_ARGS[*]} $*"
+  OPD_SRUN_PID=""
+  trap 'opd_forward_signal USR1' USR1
+  trap 'opd_forward_signal TERM' TERM
+  # In the background: bash runs traps only between commands, never during a foreground one.
+  srun "${OPD_SRUN_ARGS[@]}" "$@" &
+  OPD_SRUN_PID=$!
+  local status=0
+  # `wait` returns early (status > 128) whenever a trapped signal arrives; wait again
+  # until srun is gone, then once more for its real exit status.
+  while kill -0 "$OPD_SRUN_PID" 2>/dev/null; do
+    wait "$OPD_SRUN_PID" || true
+  done
+  wait "$OPD_SRUN_PID" || status=$?
+  trap - USR1 TERM
+  if [ -f "$OPD_REQUEUE_MARKER" ]; then
+    echo "[$(date +%FT%T)] the trainer stopped on a signal after saving: $(tr '\n' ' ' <"$OPD_REQUEUE_MARKER")"
+    rm -f "$OPD_REQUEUE_MARKER"
+    if [[ " $OPD_SIGNALS_SEEN " == *" TERM "* ]]; then
+      echo "SIGTERM came from Slurm (cancel, preemption or requeue): not requeueing from here"
+    else
+      echo "+ scontrol requeue $SLURM_JOB_ID"
+      scontrol requeue "$SLURM_JOB_ID" && return 0
+      echo "scontrol requeue failed: resubmit the job; it resumes from the checkpoint" >&2
+    fi
+  fi
+  return "$status"
+}
+
+# Trap body of opd_srun_requeueable: remember the signal and pass it on to srun.
+opd_forward_signal() { # USR1 | TERM
+  OPD_SIGNALS_SEEN+=" $1"
+  echo "[$(date +%FT%T)] batch shell got SIG$1: forwarding it to the tasks"
+  [ -z "$OPD_SRUN_PID" ] || kill -s "$1" "$OPD_SRUN_PID" 2>/dev/null || true
 }
 
 # Layout overrides for the trainer: TP/PP if exported, else the MODEL file's defaults.

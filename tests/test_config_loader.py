@@ -330,7 +330,7 @@ def test_cli_train_rejects_a_bad_value_before_any_process_group():
     assert elapsed < 10, f"took {elapsed:.1f} s"
 
 
-def test_train_never_starts_with_a_bad_config(monkeypatch):
+def test_train_never_starts_with_a_bad_config(monkeypatch, capsys):
     """In process: the training entry (which creates the process groups) is not reached.
 
     A stand-in ``megatron_opd.train`` module fails the test if the CLI ever imports it
@@ -339,8 +339,9 @@ def test_train_never_starts_with_a_bad_config(monkeypatch):
     import types
 
     from megatron_opd import cli
+    from megatron_opd.training import preflight
 
-    def must_not_run(config):
+    def must_not_run(config, **kwargs):
         raise AssertionError("run_training was called with an invalid config")
 
     stand_in = types.ModuleType("megatron_opd.train")
@@ -348,9 +349,12 @@ def test_train_never_starts_with_a_bad_config(monkeypatch):
     monkeypatch.setitem(sys.modules, "megatron_opd.train", stand_in)
     with pytest.raises(SystemExit) as info:
         cli.main(["train", "--config", str(TINY), "prune.threshold=2"])
-    assert "config error" in str(info.value.code)
-    assert "prune.threshold" in str(info.value.code)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "config error" in err and "prune.threshold" in err
 
-    # The stand-in is really what the CLI would call: a valid config reaches it.
+    # The stand-in is really what the CLI would call: a valid config (whose files the
+    # pre-flight checks would not find here, so they are stubbed) reaches it.
+    monkeypatch.setattr(preflight, "preflight_training", lambda config, world_size: None)
     with pytest.raises(AssertionError, match="run_training was called"):
         cli.main(["train", "--config", str(TINY)])

@@ -1,6 +1,7 @@
 """Bad input to the conversion fails with a ValueError that says what is wrong (1 process)."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -159,3 +160,37 @@ def test_cli_entry_points_have_help(capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(["--help"])
         assert exit_info.value.code == 0 and flag in capsys.readouterr().out
+
+
+def test_cli_refuses_non_positive_layouts_and_mismatched_models(tmp_path, capsys):
+    from megatron_opd.conversion.cli import main_hf_to_megatron, main_verify
+
+    for flag in ("--tp", "--pp"):
+        with pytest.raises(SystemExit) as exit_info:
+            main_hf_to_megatron(["--hf-dir", "x", "--out", "y", flag, "0"])
+        assert exit_info.value.code == 2 and "must be >= 1, got 0" in capsys.readouterr().err
+    # Two models of different vocabularies: one line, before any process group (it used to
+    # end in a tensor-size error after both models were built).
+    small = make_tiny_hf_model(tmp_path / "small", "qwen2", seed=1)
+    large = make_tiny_hf_model(tmp_path / "large", "qwen2", seed=1, vocab_size=200)
+    with pytest.raises(SystemExit) as exit_info:
+        main_verify(["--hf-dir", str(small), "--megatron-dir", str(large)])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: --hf-dir") and "vocabulary of" in message
+    assert "200" in message and "not the same model" in message
+
+
+def test_verify_cli_runs_a_real_comparison(qwen2_dir):
+    """The verify tool end to end in its own process: transformers vs Megatron -> PASS."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    done = subprocess.run(
+        [sys.executable, "tools/verify_conversion.py", "--hf-dir", str(qwen2_dir)],
+        env={**env, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1].startswith("PASS max_abs_logit_diff=")

@@ -6,6 +6,7 @@ import pytest
 
 from megatron_opd.config.data import DataConfig
 from megatron_opd.config.loader import build_config
+from megatron_opd.config.opd import EvalConfig, OPDConfig
 from megatron_opd.data.prompts import (
     PromptLoader,
     epoch_order,
@@ -131,7 +132,10 @@ def test_data_config_checks(tmp_path):
     assert cfg.prompts_per_step == 2 and cfg.prompt_key is None
     with pytest.raises(ValueError, match="data.max_prompt_length"):
         DataConfig(max_prompt_length=0)
-    with pytest.raises(ValueError, match=r"data.eval_paths\[1\] must end in .jsonl"):
-        DataConfig(eval_paths=["a.jsonl", "b.csv"])
+    with pytest.raises(ValueError, match=r"eval.datasets\[1\] must end in .jsonl"):
+        EvalConfig(datasets=["a.jsonl", "b.csv"])
+    # data.eval_paths was read by nothing; a recipe that still sets it is told where sets go.
+    with pytest.raises(ValueError, match=r"data.eval_paths is no longer .* use eval.datasets"):
+        build_config(OPDConfig, {"data": {"eval_paths": ["a.jsonl"]}})
     with pytest.raises(ValueError, match="data.prompts_per_step"):
         DataConfig(prompts_per_step=0)

@@ -5,6 +5,7 @@ process (other tests compute transformers references there).
 """
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -97,3 +98,35 @@ def test_patches_keep_device_contexts_and_transformers_loading_intact(tmp_path):
     )
     assert result["inside"] == ["meta", "meta"]
     assert result["logits"] == [pytest.approx(v, abs=1e-5) for v in expected]
+
+
+def test_attention_variables_the_user_exports_survive_model_builds(tmp_path):
+    """slurm/env.sh (or the user) chooses Transformer Engine's attention kernels with
+    NVTE_*_ATTN; building the student and the teacher must leave those values in place
+    (GPTModel rewrites them from its attention_backend and asserts on disagreement)."""
+    from megatron_opd.models.tiny import make_tiny_hf_model
+
+    model_dir = make_tiny_hf_model(tmp_path / "qwen3", "qwen3", seed=1)
+    code = f"""
+        import json, os
+        from megatron_opd.config.model import ModelConfig
+        from megatron_opd.config.parallel import ParallelConfig
+        from megatron_opd.distributed import destroy_distributed, init_distributed
+        from megatron_opd.models import build_model
+        groups = init_distributed(ParallelConfig())
+        model = ModelConfig(path={str(model_dir)!r}, transformer_impl="local")
+        build_model(model, groups, role="student")
+        build_model(model, groups, role="teacher")
+        destroy_distributed()
+        print(json.dumps({{k: os.environ.get(k) for k in
+                          ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")}}))
+        """
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(NVTE_FLASH_ATTN="1", NVTE_FUSED_ATTN="0")  # as slurm/env.sh lets a user do
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    values = json.loads(out.stdout.strip().splitlines()[-1])
+    assert values["NVTE_FLASH_ATTN"] == "1" and values["NVTE_FUSED_ATTN"] == "0"

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(kw_only=True)
 class DataConfig:
     """Prompt dataset, its fields, and the order prompts are drawn in.
 
-    The number of responses sampled per prompt is ``rollout.n_samples_per_prompt``.
+    The number of responses sampled per prompt is ``rollout.n_samples_per_prompt``;
+    evaluation sets are listed in ``eval.datasets``.
     """
 
     train_path: str = ""
     """Training prompts: a ``.jsonl`` or ``.parquet`` file (one problem per record)."""
-
-    eval_paths: list[str] = field(default_factory=list)
-    """Evaluation sets (``.jsonl``/``.parquet`` with problem and answer), may be empty."""
 
     prompt_key: str | None = None
     """Field holding the problem (dotted for nesting); None tries ``problem``, then ``prompt``."""
@@ -48,11 +46,10 @@ class DataConfig:
             raise ValueError(f"data.max_prompt_length must be >= 1, got {self.max_prompt_length}")
         if self.prompts_per_step < 1:
             raise ValueError(f"data.prompts_per_step must be >= 1, got {self.prompts_per_step}")
-        paths = [("train_path", self.train_path)]
-        paths += [(f"eval_paths[{i}]", path) for i, path in enumerate(self.eval_paths)]
-        for name, value in paths:
-            if value and not value.endswith((".jsonl", ".parquet")):
-                raise ValueError(f"data.{name} must end in .jsonl or .parquet, got {value!r}")
+        if self.train_path and not self.train_path.endswith((".jsonl", ".parquet")):
+            raise ValueError(
+                f"data.train_path must end in .jsonl or .parquet, got {self.train_path!r}"
+            )
         if self.prompt_key is not None and not self.prompt_key.strip():
             raise ValueError("data.prompt_key must be a field name or null (auto)")
         if self.answer_key is not None and not self.answer_key.strip():

@@ -21,6 +21,9 @@ import yaml
 
 T = TypeVar("T")
 
+MOVED_FIELDS = {"data.eval_paths": "eval.datasets"}
+"""Fields that were removed, and the field that took their place (for the error)."""
+
 _YAML12_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -59,6 +62,11 @@ def build_config(cls: type[T], mapping: dict | None, prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(mapping) - set(fields))
+    for name in unknown:
+        if prefix + name in MOVED_FIELDS:
+            raise ValueError(
+                f"{prefix + name} is no longer a config field; use {MOVED_FIELDS[prefix + name]}"
+            )
     if unknown:
         where = prefix.rstrip(".") or cls.__name__
         raise ValueError(

@@ -23,6 +23,14 @@ class EvalConfig:
     datasets: list[str] = field(default_factory=list)
     """jsonl/parquet files with problem and answer fields (AMC23/AIME/HMMT layout)."""
 
+    problem_key: str = "problem"
+    """Field of an evaluation record holding the problem (dotted for nesting, e.g.
+    ``question`` or ``extra_info.question``)."""
+
+    answer_key: str = "answer"
+    """Field of an evaluation record holding the gold answer (dotted for nesting, e.g.
+    ``solution`` or ``reward_model.ground_truth``)."""
+
     k: int = 1
     """Samples per problem (Avg@k and pass@k)."""
 
@@ -36,7 +44,8 @@ class EvalConfig:
     """New tokens per answer (the paper: 31744)."""
 
     interval: int = 0
-    """Evaluate every this many training steps (0: only before and after training)."""
+    """Evaluate every this many training steps (0: before the first step of a fresh run
+    and after the last step)."""
 
     max_problems: int = 0
     """Evaluate at most this many problems per dataset (0: all)."""
@@ -48,6 +57,14 @@ class EvalConfig:
             raise ValueError("eval.max_new_tokens must be >= 1")
         if self.interval < 0 or self.max_problems < 0:
             raise ValueError("eval.interval and eval.max_problems must be >= 0")
+        for name in ("problem_key", "answer_key"):
+            if not getattr(self, name).strip():
+                raise ValueError(f"eval.{name} must name a field of the evaluation records")
+        for index, path in enumerate(self.datasets):
+            if not path.endswith((".jsonl", ".parquet")):
+                raise ValueError(
+                    f"eval.datasets[{index}] must end in .jsonl or .parquet, got {path!r}"
+                )
 
 
 @dataclass(kw_only=True)

@@ -104,7 +104,11 @@ class CheckpointConfig:
     when it holds a complete checkpoint, else start fresh)."""
 
     export_hf_dir: str | None = None
-    """Write the final student as an HF checkpoint here (None: do not export)."""
+    """Write the final student as an HF checkpoint here (None: do not export). An existing
+    directory is refused at start-up unless ``export_hf_overwrite`` is set."""
+
+    export_hf_overwrite: bool = False
+    """Replace an existing ``export_hf_dir`` with the new export at the end of training."""
 
     def __post_init__(self) -> None:
         if self.save_interval < 0:

@@ -1,14 +1,13 @@
 """Command-line entry points of the conversion (``megatron-opd convert ...`` and tools/).
 
-Each runs either under ``torchrun`` (``WORLD_SIZE`` set; TP x PP must equal the world
-size) or as a single process (TP=PP=1; a dist checkpoint written at TP=1 loads at any
-TP/PP). Each returns a process exit code.
+Each runs either under a launcher (torchrun or srun; the world size must be a multiple of
+TP x PP) or as a single process (TP=PP=1; a dist checkpoint written at TP=1 loads at any
+TP/PP). Each returns a process exit code; bad arguments exit with one ``error:`` line.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
@@ -18,24 +17,38 @@ from megatron_opd.config.parallel import ParallelConfig
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def _init(tp: int, pp: int):
-    from megatron_opd.distributed import LaunchEnv, init_distributed
-    from megatron_opd.testing.multiprocess import free_port
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--tp 0`` is a mistake, not a layout)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
-    launch = None
-    if "WORLD_SIZE" not in os.environ and "SLURM_NTASKS" not in os.environ:
-        launch = LaunchEnv(
-            rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=free_port()
+
+def _init(tp: int, pp: int):
+    from megatron_opd.distributed import init_distributed
+    from megatron_opd.launch_env import launch_world_size
+
+    world_size = launch_world_size()
+    if world_size == 1 and tp * pp != 1:
+        print(
+            f"single process: converting at TP=1, PP=1 instead of TP={tp}, PP={pp} "
+            "(the dist checkpoint loads at any TP/PP); start TP x PP processes (torchrun, "
+            "srun) for that layout",
+            file=sys.stderr,
         )
-        if tp * pp != 1:
-            print(
-                f"single process: converting at TP=1, PP=1 instead of TP={tp}, PP={pp} "
-                "(the dist checkpoint loads at any TP/PP); use torchrun for another layout",
-                file=sys.stderr,
-            )
-            tp = pp = 1
+        tp = pp = 1
+    if world_size % (tp * pp):
+        raise SystemExit(
+            f"error: {world_size} processes cannot hold --tp {tp} x --pp {pp} = {tp * pp} "
+            f"shards; start a multiple of {tp * pp} processes (srun --ntasks, torchrun "
+            "--nproc-per-node)"
+        )
     config = ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp, timeout_seconds=600)
-    return init_distributed(config, launch_env=launch)
+    return init_distributed(config)
 
 
 def _finish() -> None:
@@ -54,10 +67,10 @@ def main_hf_to_megatron(argv: list[str] | None = None) -> int:
         "--hf-dir", required=True, help="HF model directory (config.json, *.safetensors)"
     )
     parser.add_argument("--out", required=True, help="output checkpoint directory (must not exist)")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (torchrun)")
-    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (torchrun)")
+    parser.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size")
+    parser.add_argument("--pp", type=positive_int, default=1, help="pipeline-parallel size")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
-    parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    parser.add_argument("--make-vocab-size-divisible-by", type=positive_int, default=128)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     from megatron_opd.conversion.megatron_ckpt import convert_hf_to_megatron
@@ -87,8 +100,8 @@ def main_megatron_to_hf(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--megatron-dir", required=True, help="converted Megatron checkpoint")
     parser.add_argument("--out", required=True, help="output HF directory (must not exist)")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (torchrun)")
-    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (torchrun)")
+    parser.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size")
+    parser.add_argument("--pp", type=positive_int, default=1, help="pipeline-parallel size")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                         help="written dtype (default: the checkpoint's)")  # fmt: skip
     parser.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size")
@@ -122,24 +135,33 @@ def main_verify(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-dir", required=True, help="HF model directory (the reference)")
     parser.add_argument("--megatron-dir", default=None,
                         help="converted checkpoint (default: load --hf-dir)")  # fmt: skip
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (torchrun)")
-    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (torchrun)")
-    parser.add_argument("--seq-len", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size")
+    parser.add_argument("--pp", type=positive_int, default=1, help="pipeline-parallel size")
+    parser.add_argument("--seq-len", type=positive_int, default=32)
+    parser.add_argument("--batch", type=positive_int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--atol", type=float, default=1e-3, help="max |logit diff| to PASS")
     args = parser.parse_args(argv)
     from megatron_opd.config.model import ModelConfig
     from megatron_opd.conversion.logits import gather_full_logits
     from megatron_opd.conversion.megatron_ckpt import load_model_weights
+    from megatron_opd.launch_env import launch_rank
     from megatron_opd.models.builder import build_model
     from megatron_opd.models.hf_config import read_model_info
 
     vocab_size = read_model_info(args.hf_dir).vocab_size
+    if args.megatron_dir is not None:
+        other = read_model_info(args.megatron_dir).vocab_size
+        if other != vocab_size:
+            raise SystemExit(
+                f"error: --hf-dir {args.hf_dir} has a vocabulary of {vocab_size} ids and "
+                f"--megatron-dir {args.megatron_dir} one of {other}: they are not the same "
+                "model; pass the Megatron checkpoint converted from --hf-dir"
+            )
     generator = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, vocab_size, (args.batch, args.seq_len), generator=generator)
     hf_logits = None
-    if int(os.environ.get("RANK", "0")) == 0:
+    if launch_rank() == 0:
         # The reference runs before Megatron exists in this process: a transformers model
         # loaded after a Megatron build under the CPU compat layer got garbage RoPE buffers.
         from transformers import AutoModelForCausalLM

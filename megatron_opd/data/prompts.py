@@ -65,10 +65,12 @@ def load_prompt_dataset(
     prompts = []
     for index, (location, record) in enumerate(read_records(path)):
         key = resolve_prompt_key(record, prompt_key, location)
-        problem = prompt_text(get_field(record, key, location), key, location)
+        field = get_field(record, key, location, setting="data.prompt_key")
+        problem = prompt_text(field, key, location)
         answer = None
         if answer_key is not None:
-            answer = answer_text(get_field(record, answer_key, location), answer_key, location)
+            field = get_field(record, answer_key, location, setting="data.answer_key")
+            answer = answer_text(field, answer_key, location)
         token_ids = tuple(tokenizer.encode_prompt(problem))
         if len(token_ids) > max_prompt_length:
             raise ValueError(

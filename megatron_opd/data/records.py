@@ -69,15 +69,19 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
         yield f"{path}:row {row_number}", record
 
 
-def get_field(record: dict, key: str, location: str) -> Any:
-    """``record[key]`` with dotted keys for nesting; ValueError naming location and key."""
+def get_field(record: dict, key: str, location: str, *, setting: str = "the key") -> Any:
+    """``record[key]`` with dotted keys for nesting; ValueError naming location and key.
+
+    ``setting`` names the config field that chooses ``key`` (e.g. ``data.answer_key``),
+    so the message says what to change.
+    """
     value: Any = record
     for part in key.split("."):
         if not isinstance(value, dict) or part not in value:
             present = ", ".join(sorted(record)) if isinstance(record, dict) else "none"
             raise ValueError(
                 f"{location}: missing field {key!r} (fields present: {present}); "
-                "set the key in the data config"
+                f"set {setting} to the field that holds it"
             )
         value = value[part]
     return value

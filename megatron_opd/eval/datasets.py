@@ -41,13 +41,16 @@ class MathSet:
 def load_math_set(
     path: str | Path, *, problem_key: str = "problem", answer_key: str = "answer"
 ) -> MathSet:
-    """Read an evaluation set; ValueError names the file and line of a bad record."""
+    """Read an evaluation set; ValueError names the file and line of a bad record and
+    the config field (``eval.problem_key`` / ``eval.answer_key``) that picks the key."""
     path = Path(path)
     problems = []
     for location, record in read_records(path):
-        problem = prompt_text(get_field(record, problem_key, location), problem_key, location)
-        answer = answer_text(get_field(record, answer_key, location), answer_key, location)
+        field = get_field(record, problem_key, location, setting="eval.problem_key")
+        problem = prompt_text(field, problem_key, location)
+        field = get_field(record, answer_key, location, setting="eval.answer_key")
+        answer = answer_text(field, answer_key, location)
         if not answer.strip():
-            raise ValueError(f"{location}: field {answer_key!r} is empty")
+            raise ValueError(f"{location}: field {answer_key!r} (eval.answer_key) is empty")
         problems.append(MathProblem(problem=problem, answer=answer, location=location))
     return MathSet(name=path.stem, problems=problems)

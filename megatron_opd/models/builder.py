@@ -34,7 +34,11 @@ from megatron_opd.models.fp8 import check_fp8_hardware, fp8_transformer_config_k
 from megatron_opd.models.hf_config import ModelInfo, read_model_info
 from megatron_opd.models.megatron_checkpoint import read_conversion_metadata
 from megatron_opd.models.teacher import freeze
-from megatron_opd.platform import has_transformer_engine, reset_attention_backend_env
+from megatron_opd.platform import (
+    has_transformer_engine,
+    reset_attention_backend_env,
+    restore_user_attention_env,
+)
 
 ROLES = ("student", "teacher")
 
@@ -240,6 +244,7 @@ def build_gpt_model(info: ModelInfo, config, groups: ParallelGroups, *, use_te: 
         rotary_base=info.rope_theta,
         pg_collection=process_group_collection(groups),
     )
+    restore_user_attention_env()
     if info.rope_scaling is not None:
         inv_freq = llama3_inv_freq(info.head_dim, info.rope_theta, info.rope_scaling)
         model.rotary_pos_emb.inv_freq = inv_freq.to(model.rotary_pos_emb.inv_freq.device)

@@ -44,7 +44,11 @@ from megatron_opd.prune.online_stop import OnlineStopper
 from megatron_opd.prune.weights import ReliabilityWeights
 from megatron_opd.rollout.batch import RolloutBatch
 from megatron_opd.rollout.engine import GenerationChunk, PromptBlock
-from megatron_opd.scoring import eval_without_sequence_parallel, forward_through_stages
+from megatron_opd.scoring import (
+    eval_without_sequence_parallel,
+    forward_through_stages,
+    naming_the_model,
+)
 
 
 class ChunkScorer:
@@ -170,13 +174,14 @@ class ChunkScorer:
         """Teacher top-K of the chunk's predictions ``[r, c, V]``, drift events, stopper."""
         groups, config = self.groups, self.config
         start, end = groups.vocab_partition(predictions.shape[-1])
-        teacher_log_probs, teacher_ids, _ = vocab_parallel_topk_log_probs(
-            predictions[..., start:end],
-            self.student_top_k,
-            groups.tp_group,
-            vocab_size=self.vocab_size,
-            temperature=self.teacher_temperature,
-        )
+        with naming_the_model("teacher", "scoring a rollout chunk"):
+            teacher_log_probs, teacher_ids, _ = vocab_parallel_topk_log_probs(
+                predictions[..., start:end],
+                self.student_top_k,
+                groups.tp_group,
+                vocab_size=self.vocab_size,
+                temperature=self.teacher_temperature,
+            )
         valid = chunk.valid_mask().to(predictions.device)
         bad, overlap = drift_events(
             metric=config.metric,

@@ -18,21 +18,15 @@ import multiprocessing as mp
 import os
 import queue
 import signal
-import socket
 import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+from megatron_opd.launch_env import free_port
+
 _ERROR_GRACE_SECONDS = 2.0
-
-
-def free_port() -> int:
-    """An unused TCP port on localhost."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _worker_main(rank, world_size, port, tasks, results, collective_timeout_s, env):

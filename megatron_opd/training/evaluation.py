@@ -78,7 +78,9 @@ def evaluate_model(
     )
     summaries = {}
     for path in paths if paths is not None else eval_config.datasets:
-        math_set = load_math_set(path)
+        math_set = load_math_set(
+            path, problem_key=eval_config.problem_key, answer_key=eval_config.answer_key
+        )
         if eval_config.max_problems:
             math_set = dataclasses.replace(
                 math_set, problems=math_set.problems[: eval_config.max_problems]

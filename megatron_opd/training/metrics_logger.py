@@ -2,12 +2,17 @@
 
 Only the logging rank (global rank 0) writes. wandb is used when a project name is set
 and the package imports; otherwise it is silently not used (a warning once).
+
+A resumed run first calls :meth:`MetricsLogger.resume_at`: records of steps after the
+checkpoint (logged by the run that died, and about to run again) are dropped from
+``metrics.jsonl`` and TensorBoard, so each step appears once.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -43,10 +48,10 @@ class MetricsLogger:
         self._jsonl = None
         self._bar = None
         self._start = time.monotonic()
+        self.log_dir = None if log_dir is None else Path(log_dir)
         if not enabled:
             return
-        if log_dir is not None:
-            self.log_dir = Path(log_dir)
+        if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             self._jsonl = open(self.log_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
             if tensorboard:
@@ -69,6 +74,33 @@ class MetricsLogger:
                 dynamic_ncols=True,
                 file=sys.stderr,
             )
+
+    def resume_at(self, step: int) -> None:
+        """Forget every record after ``step`` (the checkpoint a run resumes from)."""
+        if not self.enabled:
+            return
+        if self._jsonl is not None:
+            path = self.log_dir / "metrics.jsonl"
+            self._jsonl.close()
+            kept = [
+                line
+                for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+                if _record_step(line) <= step
+            ]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            os.replace(tmp, path)
+            self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        if self._tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            logdir = self._tb.log_dir
+            self._tb.close()
+            # TensorBoard hides events at or after purge_step written by earlier runs.
+            self._tb = SummaryWriter(logdir, purge_step=step + 1)
+        if self._bar is not None:
+            self._bar.n = self._bar.last_print_n = step
+            self._bar.refresh()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Record ``metrics`` for ``step`` everywhere and advance the progress bar."""
@@ -122,6 +154,14 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _record_step(line: str) -> float:
+    """The step of a metrics.jsonl line (a torn last line counts as after every step)."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _to_float(value: Any) -> float:

@@ -1,9 +1,8 @@
-"""Build everything a run needs, in an order that fails early with a clear message.
+"""Build everything a run needs: models, rollout engine, prompt stream, metrics logger.
 
-Order: tokenizers and the shared-vocabulary check (before any weight is read), models
-(student trainable, teacher frozen) with their weights, the rollout engine, the dataset,
-the metrics logger. Each user mistake (paths, vocab mismatch, TP not dividing heads)
-surfaces as a ValueError naming the file or field.
+The user's mistakes (paths, vocab mismatch, TP not dividing heads, data, unwritable
+outputs) are found before this runs, by :mod:`megatron_opd.training.preflight`, whose
+:class:`PreparedRun` (tokenizer, tokenized prompts) this module builds on.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from megatron_opd.checkpoint import unwrap_model
 from megatron_opd.config.opd import OPDConfig
 from megatron_opd.distributed import ParallelGroups
 from megatron_opd.training.metrics_logger import MetricsLogger
+from megatron_opd.training.preflight import PreparedRun, preflight_training
 
 
 @dataclass(kw_only=True)
@@ -101,22 +101,26 @@ def teacher_offload_applies(config: OPDConfig, groups: ParallelGroups) -> bool:
     return config.teacher.offload_teacher and groups.platform.is_cuda
 
 
-def build_components(config: OPDConfig, groups: ParallelGroups) -> RunComponents:
-    """Tokenizer, models, engine, data and logger of a run (on every rank)."""
+def build_components(
+    config: OPDConfig, groups: ParallelGroups, *, prepared: PreparedRun | None = None
+) -> RunComponents:
+    """Tokenizer, models, engine, data and logger of a run (on every rank).
+
+    ``prepared``: the result of :func:`preflight_training` (run here when None).
+    """
     from megatron_opd.conversion import load_model_weights
-    from megatron_opd.data.prompts import PromptLoader, load_prompt_dataset
-    from megatron_opd.data.tokenizer import load_tokenizer
+    from megatron_opd.data.prompts import PromptLoader
     from megatron_opd.models import build_model
     from megatron_opd.models.hf_config import find_hf_config_dir
     from megatron_opd.models.teacher import offload_to_cpu, onload
-    from megatron_opd.models.vocab import check_vocab_compatible
     from megatron_opd.rollout.chunk_scorer import ChunkScorer
     from megatron_opd.rollout.megatron_engine import MegatronRolloutEngine
 
+    if prepared is None:
+        prepared = preflight_training(config, world_size=groups.world_size)
     student_dir = find_hf_config_dir(config.student.path)
     teacher_dir = find_hf_config_dir(config.teacher.path)
-    check_vocab_compatible(student_dir, teacher_dir)
-    tokenizer = load_tokenizer(student_dir, chat_template_kwargs=config.data.chat_template_kwargs())
+    tokenizer = prepared.tokenizer
 
     student_chunks, student_info = build_model(config.student, groups, role="student")
     load_model_weights(student_chunks, config.student, student_info, groups)
@@ -130,8 +134,6 @@ def build_components(config: OPDConfig, groups: ParallelGroups) -> RunComponents
             f"teacher vocab_size {teacher_info.vocab_size} ({teacher_dir}/config.json); "
             "on-policy distillation needs one shared vocabulary"
         )
-    config.prune.check_vocab_size(student_info.vocab_size)
-    max_context = student_info.max_position_embeddings
 
     if config.rollout.engine == "vllm":
         from megatron_opd.conversion.export import broadcast_hf_weights
@@ -162,38 +164,10 @@ def build_components(config: OPDConfig, groups: ParallelGroups) -> RunComponents
             pad_id=tokenizer.pad_id,
             vocab_size=student_info.vocab_size,
         )
-    if not config.data.train_path:
-        raise ValueError("data.train_path is empty; set it to a .jsonl or .parquet prompt file")
-    if config.data.max_prompt_length + config.rollout.max_new_tokens > max_context:
-        raise ValueError(
-            f"data.max_prompt_length ({config.data.max_prompt_length}) + rollout.max_new_tokens "
-            f"({config.rollout.max_new_tokens}) exceeds the student's context of {max_context} "
-            f"tokens ({student_dir}/config.json max_position_embeddings); lower one of them"
-        )
-    if config.data.prompts_per_step % groups.dp_size:
-        raise ValueError(
-            f"data.prompts_per_step ({config.data.prompts_per_step}) must be divisible by the "
-            f"data-parallel size {groups.dp_size}"
-        )
-    samples_per_rank = (
-        config.data.prompts_per_step // groups.dp_size * config.rollout.n_samples_per_prompt
-    )
-    if samples_per_rank % config.training.num_mini_batches:
-        raise ValueError(
-            f"training.num_mini_batches ({config.training.num_mini_batches}) must divide the "
-            f"samples per data-parallel rank, data.prompts_per_step / DP * "
-            f"rollout.n_samples_per_prompt = {config.data.prompts_per_step} / {groups.dp_size} "
-            f"* {config.rollout.n_samples_per_prompt} = {samples_per_rank}"
-        )
-    prompts = load_prompt_dataset(
-        config.data.train_path,
-        tokenizer,
-        max_prompt_length=config.data.max_prompt_length,
-        prompt_key=config.data.prompt_key,
-        answer_key=config.data.answer_key,
-    )
     dataset = StepPrompts(
-        PromptLoader(prompts, prompts_per_step=config.data.prompts_per_step, seed=config.data.seed)
+        PromptLoader(
+            prepared.prompts, prompts_per_step=config.data.prompts_per_step, seed=config.data.seed
+        )
     )
     log = MetricsLogger(
         config.logging.log_dir,

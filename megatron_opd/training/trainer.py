@@ -31,7 +31,12 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from megatron_opd.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_opd.checkpoint import (
+    check_steps_left,
+    find_latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from megatron_opd.config.opd import OPDConfig
 from megatron_opd.config.rollout import rollout_seed
 from megatron_opd.distributed import ParallelGroups
@@ -56,6 +61,7 @@ from megatron_opd.training.pipeline_transport import (
     gather_across_data_parallel,
 )
 from megatron_opd.training.rollout_stats import COLUMNS, rollout_metrics, sample_stats
+from megatron_opd.training.preemption import StopSignals, stop_after_signal
 
 
 class TrainingStopped(RuntimeError):
@@ -65,11 +71,23 @@ class TrainingStopped(RuntimeError):
 class Trainer:
     """Owns the models, engine, optimizer and state of one Prune-OPD run."""
 
-    def __init__(self, config: OPDConfig, groups: ParallelGroups, components) -> None:
-        """``components`` is a :class:`megatron_opd.training.setup.RunComponents`."""
+    def __init__(
+        self,
+        config: OPDConfig,
+        groups: ParallelGroups,
+        components,
+        *,
+        stop_signals: StopSignals | None = None,
+    ) -> None:
+        """``components`` is a :class:`megatron_opd.training.setup.RunComponents`;
+        ``stop_signals`` (installed by the caller) stops the run at a step boundary, with
+        a checkpoint, when SIGTERM/SIGUSR1 arrives (:mod:`megatron_opd.training.preemption`)."""
         self.config = config
         self.groups = groups
         self.c = components
+        self.stop_signals = stop_signals
+        self.last_saved_step: int | None = None
+        """Step of the newest checkpoint this run wrote or resumed from."""
         self.student = wrap_student_for_training(components.student_chunks, config.parallel, groups)
         self.optimizer, self.scheduler = build_optimizer(
             self.student, config.training, config.parallel, groups
@@ -158,17 +176,26 @@ class Trainer:
             expected_model=self.c.student_summary,
         )
         self.step = int(state["step"])
+        self.last_saved_step = self.step
         self.budget.load_state_dict(state["budget"])
         self.c.dataset.load_state_dict(state["data"])
         self.consecutive_bad_steps = int(state.get("consecutive_bad_steps", 0))
         self.history = list(state.get("history", []))
+        # Steps after the checkpoint were logged by the run that died; they run again.
+        self.c.log.resume_at(self.step)
         self.c.log.message(f"resumed from {found} at step {self.step}")
+        check_steps_left(self.step, self.config.training.num_steps, found)
+        if self.step == self.config.training.num_steps:
+            self.c.log.message(
+                f"the checkpoint is at training.num_steps={self.step}: nothing left to train"
+            )
 
     def save(self) -> None:
         """Checkpoint now (all ranks)."""
         ckpt = self.config.checkpoint
         if ckpt.save_dir is None:
             return
+        self.last_saved_step = self.step
         save_checkpoint(
             ckpt.save_dir,
             self.step,
@@ -196,6 +223,7 @@ class Trainer:
             info,
             self.groups,
             tokenizer_dir=info.hf_dir or None,
+            overwrite=self.config.checkpoint.export_hf_overwrite,
         )
 
     # ------------------------------------------------------------------ loop
@@ -203,7 +231,15 @@ class Trainer:
         """Run until ``training.num_steps``; returns the per-step metrics."""
         cfg = self.config
         self.c.engine.sync_weights()  # an external engine (vLLM) starts from these weights
+        evaluate_ends = bool(cfg.eval.datasets) and cfg.eval.interval == 0
+        if evaluate_ends and self.step == 0:
+            self._evaluate_and_log()  # eval.interval=0: before training ...
         while self.step < cfg.training.num_steps:
+            # The step boundary: every rank takes the same decision (a world all-reduce).
+            if self.stop_signals is not None and self.stop_signals.stop_requested(
+                self.groups.platform.device
+            ):
+                stop_after_signal(self)
             start = time.perf_counter()
             metrics = self.train_step()
             metrics["time_step_wall_s"] = time.perf_counter() - start
@@ -231,20 +267,22 @@ class Trainer:
             for callback in self.step_callbacks:
                 callback(self, metrics)
             if cfg.eval.interval and cfg.eval.datasets and self.step % cfg.eval.interval == 0:
-                start = time.perf_counter()
-                scores = self.evaluate()
-                self.eval_history.append(
-                    {"step": self.step, **scores, "eval_seconds": time.perf_counter() - start}
-                )
-                self.c.log.log_extra(self.step, scores)
+                self._evaluate_and_log()
             interval = cfg.checkpoint.save_interval
             if interval and self.step % interval == 0:
                 self.save()
-        if cfg.checkpoint.save_dir and not (
-            cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0
-        ):
+        if cfg.checkpoint.save_dir and self.last_saved_step != self.step:
             self.save()
+        if evaluate_ends:
+            self._evaluate_and_log()  # ... and after
         return self.history
+
+    def _evaluate_and_log(self) -> None:
+        start = time.perf_counter()
+        scores = self.evaluate()
+        seconds = time.perf_counter() - start
+        self.eval_history.append({"step": self.step, **scores, "eval_seconds": seconds})
+        self.c.log.log_extra(self.step, scores)
 
     def evaluate(self) -> dict[str, float]:
         """The student's scores on ``eval.datasets`` (``eval/<set>/<metric>``)."""

@@ -70,12 +70,16 @@ MEM=$(slurmd -C 2>/dev/null | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p')
 MEM=${MEM:-1024}
 MEM=$((MEM > 1024 ? MEM - 512 : MEM))
 
+# cred_expire: a requeued job may start again only after the step credentials of its
+# previous run expired (cred_expire + 1 s; Slurm's default is 120 s). 10 s keeps the
+# preemption/requeue tests short and still leaves a loaded CI box time to launch a step.
 if [ "$AUTH" = munge ]; then
   AUTH_LINES="AuthType=auth/munge
-AuthInfo=socket=$MUNGE_SOCKET
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
 CredType=cred/munge"
 else
   AUTH_LINES="AuthType=auth/none
+AuthInfo=cred_expire=10
 CredType=cred/none"
 fi
 
