@@ -60,8 +60,8 @@ from megatron_opd.training.pipeline_transport import (
     broadcast_from_last_stage,
     gather_across_data_parallel,
 )
-from megatron_opd.training.rollout_stats import COLUMNS, rollout_metrics, sample_stats
 from megatron_opd.training.preemption import StopSignals, stop_after_signal
+from megatron_opd.training.rollout_stats import COLUMNS, rollout_metrics, sample_stats
 
 
 class TrainingStopped(RuntimeError):
