@@ -31,10 +31,13 @@ SAMPLED = dict(temperature=1.0, top_p=0.9, n=2, seed=7, generation_batch_size=3)
 
 
 def _models(groups):
-    student = build_tiny_gpt(groups, seed=STUDENT_SEED)
+    # RoPE: at one pipeline stage (tp1, tp2) the engine and the chunk scorer run the lean
+    # decoder; pp2 runs Megatron's own KV-cached forward.
+    student = build_tiny_gpt(groups, seed=STUDENT_SEED, position="rope")
     teacher = build_tiny_gpt(
-        groups, seed=STUDENT_SEED, noise_seed=TEACHER_NOISE_SEED, noise_scale=0.12
-    )
+        groups, seed=STUDENT_SEED, noise_seed=TEACHER_NOISE_SEED, noise_scale=0.12,
+        position="rope",
+    )  # fmt: skip
     return student, teacher
 
 
@@ -140,15 +143,30 @@ def _engine_cases(groups, student, teacher, eos):
     from megatron_opd.prune.compat import drift_events
     from megatron_opd.prune.weights import reliability_weights
     from megatron_opd.rollout.chunk_scorer import ChunkScorer
+    from megatron_opd.rollout.kv_decoder import MegatronKVDecoder
+    from megatron_opd.rollout.lean_decoder import LeanDecoder
     from megatron_opd.scoring import score_rollouts
 
     res = {"last": groups.is_last_stage, "tp_rank": groups.tp_rank}
-    batch_sizes = []
-    hook = student.register_forward_pre_hook(
-        lambda module, args, kwargs: batch_sizes.append(args[0].shape[0]), with_kwargs=True
-    )
-    greedy = _engine(groups, student, eos).generate(PROMPTS, max_new_tokens=NUM_NEW, seed=1)
-    hook.remove()
+    batch_sizes, decoders = [], []
+    originals = {cls: cls.forward for cls in (LeanDecoder, MegatronKVDecoder)}
+
+    def recording(cls):
+        def forward(self, tokens, *args, **kwargs):
+            batch_sizes.append(tokens.shape[0])
+            decoders.append(cls.__name__)
+            return originals[cls](self, tokens, *args, **kwargs)
+
+        return forward
+
+    for cls in originals:
+        cls.forward = recording(cls)
+    try:
+        greedy = _engine(groups, student, eos).generate(PROMPTS, max_new_tokens=NUM_NEW, seed=1)
+    finally:
+        for cls, forward in originals.items():
+            cls.forward = forward
+    res["decoders"] = sorted(set(decoders))
     res["greedy"] = _rows(greedy)
     res["greedy_tokens"] = greedy.tokens
     res["greedy_prompt_lengths"] = greedy.prompt_lengths.tolist()
@@ -333,6 +351,10 @@ def test_eos_stops_rows_and_finished_rows_leave_the_batch(runs):
     for tokens, _ in greedy:
         assert all(t not in eos for t in tokens[:-1])
         assert len(tokens) == NUM_NEW or tokens[-1] in eos
+    # One pipeline stage decodes on the lean path, two on Megatron's forward.
+    assert results["tp1"][0]["decoders"] == ["LeanDecoder"]
+    assert all(res["decoders"] == ["LeanDecoder"] for res in results["tp2"])
+    assert all(res["decoders"] == ["MegatronKVDecoder"] for res in results["pp2"])
     # Prefill with all 4 rows, then one decode step per token with only the running rows.
     sizes = results["tp1"][0]["batch_sizes"]
     running = [sum(1 for n in lengths if n > step) for step in range(max(lengths))]

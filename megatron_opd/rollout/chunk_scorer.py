@@ -37,14 +37,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd.distributed import ParallelGroups
-from megatron_opd.mcore_compat import materialize_all_logits
 from megatron_opd.ops.vocab_parallel import vocab_parallel_log_probs, vocab_parallel_topk_log_probs
 from megatron_opd.prune.compat import drift_events
 from megatron_opd.prune.online_stop import OnlineStopper
 from megatron_opd.prune.weights import ReliabilityWeights
 from megatron_opd.rollout.batch import RolloutBatch
 from megatron_opd.rollout.engine import GenerationChunk, PromptBlock
-from megatron_opd.scoring import eval_without_sequence_parallel, forward_through_stages
+from megatron_opd.rollout.kv_decoder import make_kv_decoder
+from megatron_opd.scoring import eval_without_sequence_parallel
 
 
 class ChunkScorer:
@@ -58,6 +58,7 @@ class ChunkScorer:
         *,
         vocab_size: int | None = None,
         teacher_temperature: float = 1.0,
+        lean_decode: bool = True,
     ) -> None:
         """
         Args:
@@ -67,7 +68,10 @@ class ChunkScorer:
                 PruneConfig`): metric, threshold, top_k, weights and stop rules.
             vocab_size: real vocabulary size (padding ids never enter a top-K).
             teacher_temperature: the teacher's logits are divided by it (as in scoring).
+            lean_decode: feed the teacher through the lean KV-cached forward where it
+                supports the model (``rollout.lean_decode``; :mod:`.kv_decoder`).
         """
+        self.lean_decode = bool(lean_decode)
         self.teacher_temperature = float(teacher_temperature)
         self.teacher = teacher
         self.groups = groups
@@ -80,14 +84,12 @@ class ChunkScorer:
         """``[b]`` bool: generation of the sample was ended by the online stop (before its
         EOS and its token budget); on every rank."""
         self._overlap: dict[int, list[torch.Tensor]] = {}
-        self._context = None
+        self._decoder = None
         self._rows: torch.Tensor | None = None
         self._pending: torch.Tensor | None = None
 
     def start(self, prompts: PromptBlock) -> None:
         """Prefill the teacher with the block's prompts (a new call resets the stopper)."""
-        from megatron.core.inference.contexts import StaticInferenceContext
-
         device = self.groups.platform.device
         if self.stopper is None or int(prompts.sample_index.min()) == 0:
             self.stopper = OnlineStopper.from_config(
@@ -105,8 +107,10 @@ class ChunkScorer:
         self._positions = (columns[None, :] - pad[:, None]).clamp(min=0)
         self._sample_index = prompts.sample_index.to(device)
         self._rows = torch.arange(m, device=device)  # block rows in the teacher's cache
-        self._context = StaticInferenceContext(m, total)
-        materialize_all_logits(self._context)
+        self._decoder = make_kv_decoder(
+            self.teacher, self.groups, rows=m, max_len=total, lean=self.lean_decode,
+            all_logits=True, decode_after_first=False,
+        )  # fmt: skip
         self._pending = None
         logits = self._forward(tokens)
         if logits is not None:
@@ -115,25 +119,12 @@ class ChunkScorer:
     @torch.no_grad()
     def _forward(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """Feed ``tokens [r, c]`` of the running rows after the cached prefix."""
-        context, rows = self._context, self._rows
-        offset = context.sequence_len_offset
-        c = tokens.shape[1]
-        query = torch.arange(offset, offset + c, device=tokens.device)
-        keys = torch.arange(offset + c, device=tokens.device)
-        future = keys[None, :] > query[:, None]  # [c, offset + c]
-        mask = future[None, None] | ~self._key_valid[rows, None, None, : offset + c]
+        decoder, rows = self._decoder, self._rows
+        offset, c = decoder.offset, tokens.shape[1]
         with eval_without_sequence_parallel(self.teacher):
-            logits = forward_through_stages(
-                self.teacher,
-                tokens,
-                self._positions[rows, offset : offset + c],
-                mask,
-                self.groups,
-                inference_context=context,
-                runtime_gather_output=True,
+            return decoder.forward(
+                tokens, self._positions[rows, offset : offset + c], self._key_valid[rows]
             )
-        context.increment_sequence_len_offset(c)
-        return logits
 
     def on_chunk(self, chunk: GenerationChunk) -> torch.Tensor:
         """Score the chunk, update the stopper; ``[r]`` bool rows to stop."""
@@ -159,8 +150,7 @@ class ChunkScorer:
         self.stopped_early[chunk.sample_index.to(device)[stop & ~finished]] = True
         keep = ~(stop | finished)
         if not bool(keep.all()):
-            for layer, (k, v) in self._context.key_value_memory_dict.items():
-                self._context.key_value_memory_dict[layer] = (k[:, keep], v[:, keep])
+            self._decoder.keep_rows(keep)
             self._rows = self._rows[keep]
             if self._pending is not None:
                 self._pending = self._pending[keep]

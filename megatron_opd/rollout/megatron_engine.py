@@ -1,9 +1,13 @@
 """Megatron-native rollouts: KV-cached batched sampling with the student's own GPTModel.
 
-Each generation micro-batch runs one prefill and then one decode step per new token,
-calling ``GPTModel.forward`` with a Megatron ``StaticInferenceContext`` that holds the
-keys and values of every layer (``[max_seq, rows, groups, head_dim]``), so a decode step
-feeds only the newest token of each running row and never recomputes the prefix.
+Each generation micro-batch runs one prefill and then one decode step per new token
+through a KV-cached decoder (:mod:`megatron_opd.rollout.kv_decoder`) that holds the keys
+and values of every layer, so a decode step feeds only the newest token of each running
+row and never recomputes the prefix. Where the model allows it (``rollout.lean_decode``,
+one pipeline stage, the local layer spec) that is the lean plain-torch forward over the
+student's own parameter tensors (:mod:`megatron_opd.rollout.lean_decoder`, tested equal
+to Megatron's training forward); otherwise ``GPTModel.forward`` with a Megatron
+``StaticInferenceContext``.
 
 Ragged prompts are LEFT-padded to the longest prompt ``p`` so that all rows decode in
 lockstep at the same cache offset. Each row gets ``position_ids = column - pad`` (its
@@ -53,8 +57,9 @@ from megatron_opd.rollout.engine import (
     PromptBlock,
     right_padded_batch,
 )
+from megatron_opd.rollout.kv_decoder import make_kv_decoder
 from megatron_opd.rollout.sampling import mask_vocab_padding, sample_next_tokens
-from megatron_opd.scoring import eval_without_sequence_parallel, forward_through_stages
+from megatron_opd.scoring import eval_without_sequence_parallel
 
 
 class MegatronRolloutEngine:
@@ -163,8 +168,6 @@ class MegatronRolloutEngine:
         listener: ChunkListener | None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         """Generate one micro-batch; per row its response ids and (last stage) log-probs."""
-        from megatron.core.inference.contexts import StaticInferenceContext
-
         groups, dev, cfg = self.groups, self.device, self.config
         last_stage = groups.is_last_stage
         m = len(prompts)
@@ -206,31 +209,16 @@ class MegatronRolloutEngine:
         chunk_rows, chunk_start = running, 0
         done = torch.zeros(m, dtype=torch.bool, device=dev)
 
-        context = StaticInferenceContext(m, total)
-        causal = torch.ones(p, p, dtype=torch.bool, device=dev).triu(1)  # True = masked
+        decoder = make_kv_decoder(self.model, groups, rows=m, max_len=total, lean=cfg.lean_decode)
         next_ids = None
         for step in range(num_new):
+            offset = decoder.offset
             if step == 0:
-                mask = causal[None, None] | ~key_valid[:, None, None, :p] if padded else None
-                if mask is None:
-                    mask = causal[None, None]
                 inputs, pos = tokens, positions[:, :p]
             else:
-                offset = context.sequence_len_offset
-                mask = ~key_valid[running, None, None, : offset + 1] if padded else None
                 inputs, pos = next_ids[:, None], positions[running, offset : offset + 1]
-            logits = forward_through_stages(
-                self.model,
-                inputs,
-                pos,
-                mask,
-                groups,
-                inference_context=context,
-                runtime_gather_output=True,
-            )
-            context.increment_sequence_len_offset(inputs.shape[1])
-            if step == 0:
-                context.enable_decode_mode()
+            valid = key_valid[running] if padded else None
+            logits = decoder.forward(inputs, pos, valid, last_only=True)
 
             if last_stage:
                 raw = mask_vocab_padding(logits[:, -1].float(), self.vocab_size)  # [a, V]
@@ -270,8 +258,7 @@ class MegatronRolloutEngine:
             if not bool(keep.any()):
                 break
             if not bool(keep.all()):
-                for layer, (k, v) in context.key_value_memory_dict.items():
-                    context.key_value_memory_dict[layer] = (k[:, keep], v[:, keep])
+                decoder.keep_rows(keep)
                 running, next_ids = running[keep], next_ids[keep]
 
         responses = [out_tokens[i, : response_lengths[i]] for i in range(m)]
