@@ -89,7 +89,8 @@ def _reference_generate(model, *, eos, temperature, top_p, n, seed, generation_b
 
 def _reference_scores(student, teacher, batch):
     out = {"student_ids": [], "student_lp": [], "teacher_ids": [], "teacher_lp": [],
-           "teacher_at_student": [], "teacher_sampled": [], "student_sampled": []}  # fmt: skip
+           "teacher_at_student": [], "teacher_sampled": [], "student_sampled": [],
+           "student_full": [], "teacher_full": []}  # fmt: skip
     for i in range(batch.batch_size):
         p, r = int(batch.prompt_lengths[i]), int(batch.response_lengths[i])
         seq = batch.tokens[i, : p + r].tolist()
@@ -105,6 +106,8 @@ def _reference_scores(student, teacher, batch):
         out["teacher_at_student"].append(t_lp.gather(1, s_ids))
         out["teacher_sampled"].append(t_lp.gather(1, targets)[:, 0])
         out["student_sampled"].append(s_lp.gather(1, targets)[:, 0])
+        out["student_full"].append(s_lp)
+        out["teacher_full"].append(t_lp)
     return out
 
 
@@ -196,6 +199,34 @@ def _engine_cases(groups, student, teacher, eos):
                 "overlap_ratio",
             )  # fmt: skip
         }
+
+    # K = the whole vocabulary (exact full-vocabulary losses): every id in id order.
+    full_vocab = score_rollouts(
+        _scoring_batch(), student=student, teacher=teacher, groups=groups, top_k=VOCAB_SIZE,
+        micro_batch_size=2, vocab_size=VOCAB_SIZE,
+    )  # fmt: skip
+    if groups.is_last_stage:
+        res["full_vocab_scores"] = {name: getattr(full_vocab, name) for name in SCORE_FIELDS}
+
+    # The rollout records the student's scoring fields; a student-less scoring pass then
+    # fills the teacher's. Both must equal a full scoring pass of the same batch.
+    recorder = _engine(groups, student, eos, temperature=1.0, n=2)
+    recorded = recorder.generate(PROMPTS, max_new_tokens=NUM_NEW, seed=4, student_top_k=TOP_K)
+    scored = score_rollouts(
+        copy.deepcopy(recorded), student=student, teacher=teacher, groups=groups, top_k=TOP_K,
+        micro_batch_size=3, vocab_size=VOCAB_SIZE,
+    )  # fmt: skip
+    score_rollouts(
+        recorded, student=None, teacher=teacher, groups=groups, top_k=TOP_K,
+        micro_batch_size=3, vocab_size=VOCAB_SIZE,
+    )  # fmt: skip
+    if groups.is_last_stage:
+        res["recorded_scores"] = {
+            name: (getattr(recorded, name), getattr(scored, name))
+            for name in SCORE_FIELDS
+            if name != "student_log_probs_at_teacher_ids"
+        }
+        res["recorded_at_teacher_ids"] = recorded.student_log_probs_at_teacher_ids
 
     from megatron_opd.scoring import broadcast_from_last_stage
 
@@ -405,6 +436,46 @@ def test_scoring_equals_full_vocabulary_reference(runs, layout):
             outside = torch.ones(batch.seq_length, dtype=torch.bool)
             outside[p : p + r] = False
             assert (scores["teacher_topk_log_probs"][i][outside] == 0).all()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_full_vocabulary_scoring_takes_every_id_in_order(runs, layout):
+    ref, results = runs
+    expected = ref["scores"]
+    batch = _scoring_batch()
+    every = torch.arange(VOCAB_SIZE)
+    for res in (r for r in results[layout] if r["last"]):
+        scores = res["full_vocab_scores"]
+        for i in range(batch.batch_size):
+            p, r = int(batch.prompt_lengths[i]), int(batch.response_lengths[i])
+            cols = slice(p, p + r)
+            for side in ("student", "teacher"):
+                assert torch.equal(scores[f"{side}_topk_ids"][i, cols], every.expand(r, -1))
+                want = expected[f"{side}_full"][i]
+                torch.testing.assert_close(scores[f"{side}_topk_log_probs"][i, cols], want,
+                                           atol=2e-5, rtol=0)  # fmt: skip
+                torch.testing.assert_close(
+                    scores[f"{side}_sampled_log_probs"][i, cols], expected[f"{side}_sampled"][i],
+                    atol=2e-5, rtol=0,
+                )  # fmt: skip
+            torch.testing.assert_close(scores["teacher_log_probs_at_student_ids"][i, cols],
+                                       expected["teacher_full"][i], atol=2e-5, rtol=0)  # fmt: skip
+            torch.testing.assert_close(scores["student_log_probs_at_teacher_ids"][i, cols],
+                                       expected["student_full"][i], atol=2e-5, rtol=0)  # fmt: skip
+            assert (scores["overlap_ratio"][i, cols] == 1).all()
+            assert (scores["overlap_ratio"][i, p + r :] == 0).all()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_student_scores_recorded_by_the_rollout_equal_a_scoring_pass(runs, layout):
+    _, results = runs
+    for res in (r for r in results[layout] if r["last"]):
+        for name, (recorded, scored) in res["recorded_scores"].items():
+            if recorded.dtype in (torch.long, torch.bool):
+                assert torch.equal(recorded, scored), name
+            else:
+                torch.testing.assert_close(recorded, scored, atol=2e-5, rtol=0, msg=name)
+        assert res["recorded_at_teacher_ids"] is None  # no student pass: not computed
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -55,6 +55,7 @@ from megatron_opd.rollout.engine import (
     ChunkListener,
     GenerationChunk,
     PromptBlock,
+    at_response_columns,
     right_padded_batch,
 )
 from megatron_opd.rollout.kv_decoder import make_kv_decoder
@@ -98,6 +99,9 @@ class MegatronRolloutEngine:
         self.vocab_size = vocab_size
         self.device = groups.platform.device
 
+    records_student_scores = True
+    """:meth:`generate` can record the scoring pass's student fields (``student_top_k``)."""
+
     def sync_weights(self) -> None:
         """Nothing to do: the engine samples from the training model itself."""
 
@@ -108,16 +112,30 @@ class MegatronRolloutEngine:
         max_new_tokens: int,
         seed: int,
         chunk_listener: ChunkListener | None = None,
+        student_top_k: int = 0,
     ) -> RolloutBatch:
-        """Sample ``n_samples_per_prompt`` responses per prompt (see RolloutEngine)."""
+        """Sample ``n_samples_per_prompt`` responses per prompt (see RolloutEngine).
+
+        ``student_top_k = K > 0``: also fill the batch's ``student_topk_ids``,
+        ``student_topk_log_probs`` and ``student_sampled_log_probs`` (last stage) from the
+        logits each token was sampled from, at the sampling temperature: what a no-grad
+        student scoring pass would compute (the same exact top-K op; every id, in id
+        order, when K is the vocabulary), so scoring can skip that forward.
+        """
         num_new = self._check_call(prompts, max_new_tokens, chunk_listener)
+        listener_k = int(chunk_listener.student_top_k) if chunk_listener is not None else 0
+        if student_top_k and listener_k and student_top_k != listener_k:
+            raise ValueError(
+                f"student_top_k={student_top_k} differs from the chunk listener's "
+                f"student_top_k={listener_k}; both are prune.top_k"
+            )
         n = self.config.n_samples_per_prompt
         rows = [list(map(int, p)) for p in prompts for _ in range(n)]
         prompt_index = torch.arange(len(prompts)).repeat_interleave(n)
         mb = self.config.generation_batch_size or len(rows)
         generator = torch.Generator(device=self.device).manual_seed(int(seed))
 
-        responses, log_probs = [], []
+        responses, log_probs, topk_ids, topk_log_probs = [], [], [], []
         with eval_without_sequence_parallel(self.model):
             for begin in range(0, len(rows), mb):
                 out = self._generate_block(
@@ -127,12 +145,20 @@ class MegatronRolloutEngine:
                     num_new=num_new,
                     generator=generator,
                     listener=chunk_listener,
+                    record_k=int(student_top_k),
                 )
                 responses.extend(out[0])
                 log_probs.extend(out[1])
-        return right_padded_batch(
+                topk_ids.extend(out[2])
+                topk_log_probs.extend(out[3])
+        batch = right_padded_batch(
             rows, responses, log_probs, prompt_index, pad_id=self.pad_id, device=self.device
         )
+        if student_top_k and self.groups.is_last_stage:
+            batch.student_topk_ids = at_response_columns(batch, topk_ids)
+            batch.student_topk_log_probs = at_response_columns(batch, topk_log_probs)
+            batch.student_sampled_log_probs = batch.sampled_log_probs.clone()
+        return batch
 
     def _check_call(self, prompts, max_new_tokens: int, listener) -> int:
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -166,8 +192,10 @@ class MegatronRolloutEngine:
         num_new: int,
         generator: torch.Generator,
         listener: ChunkListener | None,
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-        """Generate one micro-batch; per row its response ids and (last stage) log-probs."""
+        record_k: int = 0,
+    ) -> tuple[list[torch.Tensor], ...]:
+        """Generate one micro-batch; per row its response ids, and (last stage; else None)
+        its log-probs, student top-K ids and their log-probs (``record_k``; else None)."""
         groups, dev, cfg = self.groups, self.device, self.config
         last_stage = groups.is_last_stage
         m = len(prompts)
@@ -186,6 +214,7 @@ class MegatronRolloutEngine:
 
         chunk_size = cfg.chunk_size if listener is not None else 0
         top_k = int(listener.student_top_k) if listener is not None else 0
+        top_k = top_k or record_k
         if listener is not None:
             listener.start(
                 PromptBlock(
@@ -203,6 +232,9 @@ class MegatronRolloutEngine:
             torch.zeros(m, num_new, top_k, dtype=torch.long, device=dev)
             if last_stage and top_k
             else None
+        )
+        out_topk_lp = (
+            torch.zeros(m, num_new, top_k, device=dev) if last_stage and record_k else None
         )
         response_lengths = torch.zeros(m, dtype=torch.long, device=dev)
         running = torch.arange(m, device=dev)  # rows still in the KV cache, in cache order
@@ -229,10 +261,14 @@ class MegatronRolloutEngine:
                 log_softmax = scaled.log_softmax(dim=-1)
                 out_log_probs[running, step] = log_softmax.gather(1, next_ids[:, None])[:, 0]
                 if out_topk is not None:
-                    # The ops' exact top-K (ties to the lower id) matches scoring's choice.
-                    out_topk[running, step] = vocab_parallel_topk(
-                        logits[:, -1].float(), top_k, None, vocab_size=self.vocab_size
-                    )[1]
+                    if top_k >= (self.vocab_size or raw.shape[-1]):  # every id, in id order
+                        ids = torch.arange(top_k, device=dev).expand(raw.shape[0], top_k)
+                    else:
+                        # The ops' exact top-K (ties to the lower id) matches scoring's choice.
+                        ids = vocab_parallel_topk(raw, top_k, None, vocab_size=self.vocab_size)[1]
+                    out_topk[running, step] = ids
+                    if out_topk_lp is not None:
+                        out_topk_lp[running, step] = log_softmax.gather(1, ids)
             else:
                 next_ids = torch.empty(running.numel(), dtype=torch.long, device=dev)
             if groups.pp_size > 1:
@@ -262,9 +298,14 @@ class MegatronRolloutEngine:
                 running, next_ids = running[keep], next_ids[keep]
 
         responses = [out_tokens[i, : response_lengths[i]] for i in range(m)]
-        if out_log_probs is None:
-            return responses, [None] * m
-        return responses, [out_log_probs[i, : response_lengths[i]] for i in range(m)]
+
+        def per_row(values):
+            if values is None:
+                return [None] * m
+            return [values[i, : response_lengths[i]] for i in range(m)]
+
+        return (responses, per_row(out_log_probs), per_row(out_topk if record_k else None),
+                per_row(out_topk_lp))  # fmt: skip
 
     def _call_listener(
         self,
