@@ -69,6 +69,14 @@ def merge_topk(
     return values.gather(-1, pick), ids.gather(-1, pick)
 
 
+def exact_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` of one unsplit ``[c, v]`` row block ordered by (value descending, id
+    ascending): :func:`local_topk` + :func:`merge_topk` without the vocabulary-parallel
+    ops' argument exchange and checks (a rollout's per-decode-step top-K)."""
+    values, ids = local_topk(x, k, 0, x.shape[-1])
+    return merge_topk(values, ids, k)
+
+
 def topk_membership(
     student_ids: torch.Tensor, teacher_ids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -49,7 +49,7 @@ import torch.distributed as dist
 
 from megatron_opd.config.rollout import RolloutConfig
 from megatron_opd.distributed import ParallelGroups
-from megatron_opd.ops.vocab_parallel import vocab_parallel_topk
+from megatron_opd.ops.topk_select import exact_topk
 from megatron_opd.rollout.batch import RolloutBatch
 from megatron_opd.rollout.engine import (
     ChunkListener,
@@ -261,11 +261,12 @@ class MegatronRolloutEngine:
                 log_softmax = scaled.log_softmax(dim=-1)
                 out_log_probs[running, step] = log_softmax.gather(1, next_ids[:, None])[:, 0]
                 if out_topk is not None:
-                    if top_k >= (self.vocab_size or raw.shape[-1]):  # every id, in id order
+                    real = self.vocab_size or raw.shape[-1]
+                    if top_k >= real:  # every id, in id order
                         ids = torch.arange(top_k, device=dev).expand(raw.shape[0], top_k)
                     else:
                         # The ops' exact top-K (ties to the lower id) matches scoring's choice.
-                        ids = vocab_parallel_topk(raw, top_k, None, vocab_size=self.vocab_size)[1]
+                        ids = exact_topk(raw[:, :real], top_k)[1]
                     out_topk[running, step] = ids
                     if out_topk_lp is not None:
                         out_topk_lp[running, step] = log_softmax.gather(1, ids)
