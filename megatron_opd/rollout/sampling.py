@@ -52,10 +52,12 @@ def sample_next_tokens(
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     scaled = logits / temperature if temperature != 1.0 else logits
-    # Gumbel-max ("exponential race"): argmax(logit - log E), E ~ Exp(1), draws id j with
-    # probability softmax(logits)_j, like torch.multinomial at a fraction of its CPU cost
-    # per decode step. E is kept above 0 so that a -inf (filtered) logit never wins.
+    # Gumbel-max ("exponential race"): argmax(logit - log E) with E = -log U ~ Exp(1)
+    # draws id j with probability softmax(logits)_j, like torch.multinomial, at a fraction
+    # of its CPU cost per decode step (torch.rand is vectorised; multinomial and
+    # exponential_ are not). U in [0, 1): E > 0, and U = 0 gives E = inf, a loss.
     filtered = top_p_filter(scaled, top_p)
-    noise = torch.empty_like(filtered).exponential_(generator=generator)
-    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
-    return (filtered - noise.log_()).argmax(dim=-1)
+    uniform = torch.rand(
+        filtered.shape, generator=generator, dtype=filtered.dtype, device=filtered.device
+    )
+    return (filtered - uniform.log_().neg_().log_()).argmax(dim=-1)
