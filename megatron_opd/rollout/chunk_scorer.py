@@ -83,7 +83,7 @@ class ChunkScorer:
         self.stopped_early = torch.zeros(0, dtype=torch.bool)
         """``[b]`` bool: generation of the sample was ended by the online stop (before its
         EOS and its token budget); on every rank."""
-        self._overlap: dict[int, list[torch.Tensor]] = {}
+        self._overlap: list[tuple[torch.Tensor, int, torch.Tensor, dict[str, torch.Tensor]]] = []
         self._decoder = None
         self._rows: torch.Tensor | None = None
         self._pending: torch.Tensor | None = None
@@ -96,7 +96,7 @@ class ChunkScorer:
                 prompts.num_samples, self.config, device=device
             )
             self.stopped_early = torch.zeros(prompts.num_samples, dtype=torch.bool, device=device)
-            self._overlap = {}
+            self._overlap = []
             self._records = []
         tokens = prompts.prompt_tokens.to(device)
         m, p = tokens.shape
@@ -194,8 +194,8 @@ class ChunkScorer:
             self._records.append((chunk.sample_index, chunk.start, chunk.lengths, scores))
         result = self.stopper.update(bad, valid, sample_index=chunk.sample_index)
         if overlap is not None:
-            for row, sample in enumerate(chunk.sample_index.tolist()):
-                self._overlap.setdefault(sample, []).append(overlap[row, : int(chunk.lengths[row])])
+            self._overlap.append((chunk.sample_index, chunk.start, chunk.lengths,
+                                  {"overlap_ratio": overlap}))  # fmt: skip
         if not config.online_stop:
             return torch.zeros_like(result.should_stop)
         return result.should_stop
@@ -218,22 +218,7 @@ class ChunkScorer:
                 "ChunkScorer.fill_scores: no teacher scores were kept (the engine recorded no "
                 "student top-K ids); score the batch with score_rollouts and a teacher"
             )
-        b, s = batch.tokens.shape
-        device = batch.tokens.device
-        prompt = batch.prompt_lengths.to(device)
-        out: dict[str, torch.Tensor] = {}
-        for sample_index, start, lengths, scores in self._records:
-            rows = sample_index.to(device)
-            c = next(iter(scores.values())).shape[1]
-            offsets = torch.arange(c, device=device)
-            keep = offsets[None, :] < lengths.to(device)[:, None]  # [r, c]
-            cols = (prompt[rows][:, None] + start + offsets[None, :])[keep]
-            at_rows = rows[:, None].expand(-1, c)[keep]
-            for name, value in scores.items():
-                if name not in out:
-                    out[name] = torch.zeros(b, s, *value.shape[2:], dtype=value.dtype,
-                                            device=device)  # fmt: skip
-                out[name][at_rows, cols] = value.to(device)[keep]
+        out = _at_batch_columns(self._records, batch)
         for name, value in out.items():
             setattr(batch, name, value)
         batch.extras["teacher_scored"] = True
@@ -245,19 +230,40 @@ class ChunkScorer:
         if not self.groups.is_last_stage:
             return batch
         weights = self.result()
-        b, s = batch.tokens.shape
         device = batch.tokens.device
-        full_w = torch.zeros(b, s, dtype=torch.float32, device=device)
+        # Response coordinates -> the batch's columns, all rows at once.
+        lengths = batch.response_lengths.to(device)
+        offsets = torch.arange(weights.weights.shape[1], device=device)
+        valid = offsets[None, :] < lengths[:, None]  # [b, r]
+        rows = torch.arange(batch.batch_size, device=device)[:, None].expand_as(valid)[valid]
+        cols = (batch.prompt_lengths.to(device)[:, None] + offsets[None, :])[valid]
+        full_w = torch.zeros(batch.tokens.shape, dtype=torch.float32, device=device)
         full_lw = torch.zeros_like(full_w)
-        full_overlap = torch.zeros_like(full_w)
-        for i in range(b):
-            start, n = int(batch.prompt_lengths[i]), int(batch.response_lengths[i])
-            full_w[i, start : start + n] = weights.weights[i, :n].to(device)
-            full_lw[i, start : start + n] = weights.loss_weights[i, :n].to(device)
-            if i in self._overlap:
-                full_overlap[i, start : start + n] = torch.cat(self._overlap[i])[:n].to(device)
+        full_w[rows, cols] = weights.weights.to(device)[valid]
+        full_lw[rows, cols] = weights.loss_weights.to(device)[valid]
         batch.weights, batch.loss_weights = full_w, full_lw
         batch.effective_lengths = weights.effective_length.to(device)
         if self._overlap:
-            batch.overlap_ratio = full_overlap
+            batch.overlap_ratio = _at_batch_columns(self._overlap, batch)["overlap_ratio"]
         return batch
+
+
+def _at_batch_columns(records, batch: RolloutBatch) -> dict[str, torch.Tensor]:
+    """Chunk records ``(sample_index [r], start, lengths [r], {name: [r, c, ...]})`` placed
+    at their rows' response columns of ``batch`` (``[b, s, ...]`` each, 0 elsewhere)."""
+    b, s = batch.tokens.shape
+    device = batch.tokens.device
+    prompt = batch.prompt_lengths.to(device)
+    out: dict[str, torch.Tensor] = {}
+    for sample_index, start, lengths, values in records:
+        rows = sample_index.to(device)
+        c = next(iter(values.values())).shape[1]
+        offsets = torch.arange(c, device=device)
+        keep = offsets[None, :] < lengths.to(device)[:, None]  # [r, c]
+        cols = (prompt[rows][:, None] + start + offsets[None, :])[keep]
+        at_rows = rows[:, None].expand(-1, c)[keep]
+        for name, value in values.items():
+            if name not in out:
+                out[name] = torch.zeros(b, s, *value.shape[2:], dtype=value.dtype, device=device)
+            out[name][at_rows, cols] = value.to(device)[keep]
+    return out

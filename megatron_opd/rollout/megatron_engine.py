@@ -49,7 +49,6 @@ import torch.distributed as dist
 
 from megatron_opd.config.rollout import RolloutConfig
 from megatron_opd.distributed import ParallelGroups
-from megatron_opd.ops.topk_select import exact_topk
 from megatron_opd.rollout.batch import RolloutBatch
 from megatron_opd.rollout.engine import (
     ChunkListener,
@@ -59,7 +58,7 @@ from megatron_opd.rollout.engine import (
     right_padded_batch,
 )
 from megatron_opd.rollout.kv_decoder import make_kv_decoder
-from megatron_opd.rollout.sampling import mask_vocab_padding, sample_next_tokens
+from megatron_opd.rollout.sampling import sample_step
 from megatron_opd.scoring import eval_without_sequence_parallel
 
 
@@ -253,23 +252,15 @@ class MegatronRolloutEngine:
             logits = decoder.forward(inputs, pos, valid, last_only=True)
 
             if last_stage:
-                raw = mask_vocab_padding(logits[:, -1].float(), self.vocab_size)  # [a, V]
-                next_ids = sample_next_tokens(
-                    raw, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator
-                )
-                scaled = raw / cfg.temperature if cfg.temperature > 0 else raw
-                log_softmax = scaled.log_softmax(dim=-1)
-                out_log_probs[running, step] = log_softmax.gather(1, next_ids[:, None])[:, 0]
+                next_ids, log_probs, ids, topk_log_probs = sample_step(
+                    logits[:, -1], temperature=cfg.temperature, top_p=cfg.top_p,
+                    generator=generator, vocab_size=self.vocab_size, top_k=top_k,
+                )  # fmt: skip
+                out_log_probs[running, step] = log_probs
                 if out_topk is not None:
-                    real = self.vocab_size or raw.shape[-1]
-                    if top_k >= real:  # every id, in id order
-                        ids = torch.arange(top_k, device=dev).expand(raw.shape[0], top_k)
-                    else:
-                        # The ops' exact top-K (ties to the lower id) matches scoring's choice.
-                        ids = exact_topk(raw[:, :real], top_k)[1]
                     out_topk[running, step] = ids
-                    if out_topk_lp is not None:
-                        out_topk_lp[running, step] = log_softmax.gather(1, ids)
+                if out_topk_lp is not None:
+                    out_topk_lp[running, step] = topk_log_probs
             else:
                 next_ids = torch.empty(running.numel(), dtype=torch.long, device=dev)
             if groups.pp_size > 1:
@@ -286,10 +277,7 @@ class MegatronRolloutEngine:
                     listener, chunk_rows, chunk_start, step + 1, out_tokens, response_lengths,
                     done, out_topk, sample_index,
                 )  # fmt: skip
-                stopped_rows = set(chunk_rows[stop].tolist())
-                keep &= torch.tensor(
-                    [r not in stopped_rows for r in running.tolist()], device=dev, dtype=torch.bool
-                )
+                keep &= ~torch.isin(running, chunk_rows[stop])
                 chunk_start = step + 1
                 chunk_rows = running[keep]
             if not bool(keep.any()):
