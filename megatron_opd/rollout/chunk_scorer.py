@@ -37,13 +37,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd.distributed import ParallelGroups
-from megatron_opd.ops.vocab_parallel import vocab_parallel_log_probs, vocab_parallel_topk_log_probs
+from megatron_opd.ops.vocab_parallel import vocab_parallel_gather, vocab_parallel_topk_log_probs
 from megatron_opd.prune.compat import drift_events
 from megatron_opd.prune.online_stop import OnlineStopper
 from megatron_opd.prune.weights import ReliabilityWeights
 from megatron_opd.rollout.batch import RolloutBatch
 from megatron_opd.rollout.engine import GenerationChunk, PromptBlock
 from megatron_opd.rollout.kv_decoder import make_kv_decoder
+from megatron_opd.rollout.lean_decoder import LeanDecoder
 from megatron_opd.scoring import eval_without_sequence_parallel
 
 
@@ -87,6 +88,7 @@ class ChunkScorer:
         self._decoder = None
         self._rows: torch.Tensor | None = None
         self._pending: torch.Tensor | None = None
+        self._prompt: torch.Tensor | None = None
 
     def start(self, prompts: PromptBlock) -> None:
         """Prefill the teacher with the block's prompts (a new call resets the stopper)."""
@@ -112,19 +114,26 @@ class ChunkScorer:
             all_logits=True, decode_after_first=False,
         )  # fmt: skip
         self._pending = None
+        self._prompt = None
+        if isinstance(self._decoder, LeanDecoder):
+            # The lean decoder prefills the prompt together with the first chunk (one
+            # forward fewer), projecting only the columns that predict chunk tokens.
+            self._prompt = tokens
+            return
         logits = self._forward(tokens)
         if logits is not None:
             self._pending = logits[:, -1:]
 
     @torch.no_grad()
-    def _forward(self, tokens: torch.Tensor) -> torch.Tensor | None:
+    def _forward(self, tokens: torch.Tensor, *, logits_from: int = 0) -> torch.Tensor | None:
         """Feed ``tokens [r, c]`` of the running rows after the cached prefix."""
         decoder, rows = self._decoder, self._rows
         offset, c = decoder.offset, tokens.shape[1]
+        args = (tokens, self._positions[rows, offset : offset + c], self._key_valid[rows])
+        if isinstance(decoder, LeanDecoder):  # never calls a module: no mode to switch
+            return decoder.forward(*args, logits_from=logits_from)
         with eval_without_sequence_parallel(self.teacher):
-            return decoder.forward(
-                tokens, self._positions[rows, offset : offset + c], self._key_valid[rows]
-            )
+            return decoder.forward(*args)
 
     def on_chunk(self, chunk: GenerationChunk) -> torch.Tensor:
         """Score the chunk, update the stopper; ``[r]`` bool rows to stop."""
@@ -137,7 +146,13 @@ class ChunkScorer:
                 " pass the same ChunkScorer to every generate call from its start"
             )
         tokens = chunk.tokens.to(device)
-        logits = self._forward(tokens)
+        if self._prompt is not None:  # first chunk of a lean block: prompt + chunk at once
+            p = self._prompt.shape[1]
+            logits = self._forward(torch.cat([self._prompt, tokens], dim=1), logits_from=p - 1)
+            self._prompt, self._pending = None, logits[:, :1]
+            logits = logits[:, 1:]
+        else:
+            logits = self._forward(tokens)
         stop = torch.zeros(tokens.shape[0], dtype=torch.long, device=device)
         if groups.is_last_stage:
             predictions = torch.cat([self._pending, logits[:, :-1]], dim=1).float()
@@ -160,7 +175,7 @@ class ChunkScorer:
         """Teacher top-K of the chunk's predictions ``[r, c, V]``, drift events, stopper."""
         groups, config = self.groups, self.config
         start, end = groups.vocab_partition(predictions.shape[-1])
-        teacher_log_probs, teacher_ids, _ = vocab_parallel_topk_log_probs(
+        teacher_log_probs, teacher_ids, teacher_lse = vocab_parallel_topk_log_probs(
             predictions[..., start:end],
             self.student_top_k,
             groups.tp_group,
@@ -180,10 +195,12 @@ class ChunkScorer:
         if chunk.student_topk_ids is not None:
             ids = torch.cat([chunk.tokens.to(predictions.device)[..., None],
                              chunk.student_topk_ids], dim=-1)  # fmt: skip
-            at_ids = vocab_parallel_log_probs(
+            # log-probs at the ids = scaled logits there - the top-K op's log-sum-exp
+            # (no second pass over the vocabulary).
+            at_ids = vocab_parallel_gather(
                 predictions[..., start:end], ids, groups.tp_group,
                 vocab_size=self.vocab_size, temperature=self.teacher_temperature,
-            )  # fmt: skip
+            ) - teacher_lse[..., None]  # fmt: skip
             scores = {
                 "teacher_topk_ids": teacher_ids,
                 "teacher_topk_log_probs": teacher_log_probs,

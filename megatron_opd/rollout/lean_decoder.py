@@ -250,6 +250,7 @@ class LeanDecoder:
         key_valid: torch.Tensor | None,
         *,
         last_only: bool = False,
+        logits_from: int = 0,
     ) -> torch.Tensor:
         """Feed ``tokens [a, s]`` of the running rows after the cached columns.
 
@@ -258,9 +259,12 @@ class LeanDecoder:
             positions: ``[a, s]`` real position of each token (RoPE angle).
             key_valid: ``[a, offset + s]`` bool, False on pad keys (None: none is a pad).
             last_only: return the last column's logits only.
+            logits_from: return the logits of columns ``logits_from..s-1`` only (the
+                others are never projected onto the vocabulary).
 
         Returns:
-            ``[a, s or 1, V]`` float32 logits over the whole (padded) vocabulary.
+            ``[a, s - logits_from or 1, V]`` float32 logits over the whole (padded)
+            vocabulary.
         """
         a, s = tokens.shape
         end = self.offset + s
@@ -284,8 +288,7 @@ class LeanDecoder:
             x = x + self._attention(layer, _norm(layer.input_layernorm)(x), index, cos, sin, mask)
             x = x + self._mlp(layer.mlp, _norm(layer.pre_mlp_layernorm)(x))
         self.offset = end
-        if last_only:
-            x = x[:, -1:]
+        x = x[:, -1:] if last_only else x[:, logits_from:]
         final = _norm(self.gpt.decoder.final_layernorm)
         if final is not None:
             x = final(x)
