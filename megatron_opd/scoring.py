@@ -168,12 +168,20 @@ def causal_mask(length: int, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def model_logits(
-    model: torch.nn.Module, tokens: torch.Tensor, groups: ParallelGroups
+    model: torch.nn.Module, tokens: torch.Tensor, groups: ParallelGroups, *, lean: bool = False
 ) -> torch.Tensor | None:
     """``[b, s, V/TP]`` vocab-sharded logits of right-padded ``tokens [b, s]`` (last stage;
-    None elsewhere). The caller puts the model in eval mode."""
+    None elsewhere). The caller puts the model in eval mode. ``lean``: where the model
+    allows it, the lean plain-torch forward over its own parameters
+    (:mod:`megatron_opd.rollout.lean_decoder`, no KV cache kept) instead of Megatron's."""
     b, s = tokens.shape
     positions = torch.arange(s, device=tokens.device)[None].expand(b, s)
+    if lean:
+        from megatron_opd.rollout.lean_decoder import LeanDecoder, lean_unsupported
+
+        if lean_unsupported(model, groups) is None:
+            decoder = LeanDecoder(model, groups, rows=b, max_len=s, use_cache=False)
+            return decoder.forward(tokens, positions, None, vocab_parallel=True)
     return forward_through_stages(model, tokens, positions, causal_mask(s, tokens.device), groups)
 
 
@@ -203,6 +211,7 @@ def score_rollouts(
     vocab_size: int | None = None,
     student_temperature: float = 1.0,
     teacher_temperature: float = 1.0,
+    lean_forward: bool = False,
 ) -> RolloutBatch:
     """Fill the batch's SCORE fields in place (last stage) and return it.
 
@@ -236,6 +245,8 @@ def score_rollouts(
         student_temperature: the student's logits are divided by it (the rollout's
             sampling temperature: its log-probs are then the sampling policy's).
         teacher_temperature: the teacher's logits are divided by it.
+        lean_forward: run the no-grad forwards on the lean path where the models allow it
+            (``rollout.lean_decode``; :func:`model_logits`).
     """
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
@@ -294,8 +305,9 @@ def score_rollouts(
             # Predictions of response tokens come from columns [first - 1, length - 1).
             first = max(int(prompt[rows].min()), 1)
             mb_tokens = tokens[rows, :length]
-            student_logits = None if recorded else model_logits(student, mb_tokens, groups)
-            teacher_logits = None if fused else model_logits(teacher, mb_tokens, groups)
+            lean = dict(lean=lean_forward)
+            student_logits = None if recorded else model_logits(student, mb_tokens, groups, **lean)
+            teacher_logits = None if fused else model_logits(teacher, mb_tokens, groups, **lean)
             if not last:
                 continue
             any_logits = student_logits if student_logits is not None else teacher_logits

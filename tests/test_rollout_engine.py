@@ -181,9 +181,10 @@ def _engine_cases(groups, student, teacher, eos):
     res["sampled"] = _rows(batch)
     res["prompt_index"] = batch.prompt_index.tolist()
 
+    # The lean no-grad forward at one stage (tp1, tp2); pp2 falls back to Megatron's.
     scored = score_rollouts(
         _scoring_batch(), student=student, teacher=teacher, groups=groups, top_k=TOP_K,
-        micro_batch_size=2, vocab_size=VOCAB_SIZE,
+        micro_batch_size=2, vocab_size=VOCAB_SIZE, lean_forward=True,
     )  # fmt: skip
     if groups.is_last_stage:
         res["scores"] = {

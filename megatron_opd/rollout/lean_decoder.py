@@ -124,7 +124,13 @@ class LeanDecoder:
     """
 
     def __init__(
-        self, model: torch.nn.Module, groups: ParallelGroups, *, rows: int, max_len: int
+        self,
+        model: torch.nn.Module,
+        groups: ParallelGroups,
+        *,
+        rows: int,
+        max_len: int,
+        use_cache: bool = True,
     ) -> None:
         """
         Args:
@@ -133,6 +139,8 @@ class LeanDecoder:
             groups: this rank's groups (TP all-reduces and the logits gather).
             rows: rows of the batch at the start (the cache's first dimension).
             max_len: longest prompt + new tokens (the cache's sequence dimension).
+            use_cache: keep keys and values for later calls; False for a single
+                whole-sequence forward (no-grad scoring), which then allocates no cache.
         """
         gpt = _inner(model)
         config = gpt.config
@@ -153,7 +161,8 @@ class LeanDecoder:
         freqs = gpt.rotary_pos_emb(max_len)[:, 0, 0].to(device)  # [max_len, rot]
         self.cos, self.sin = freqs.cos().to(self.dtype), freqs.sin().to(self.dtype)
         self.rot = freqs.shape[-1]
-        shape = (rows, self.num_groups, max_len, self.head_dim)
+        shape = (rows, self.num_groups, max_len if use_cache else 0, self.head_dim)
+        self.use_cache = use_cache
         self.keys = [
             torch.empty(shape, dtype=self.dtype, device=device) for _ in gpt.decoder.layers
         ]
@@ -203,9 +212,13 @@ class LeanDecoder:
             key = k_norm(key)
         query, key = self._rope(query, cos, sin), self._rope(key, cos, sin)
         end = self.offset + s
-        keys, values = self.keys[index], self.values[index]
-        keys[:a, :, self.offset : end] = key.transpose(1, 2)
-        values[:a, :, self.offset : end] = value.transpose(1, 2)
+        if self.use_cache:
+            keys, values = self.keys[index], self.values[index]
+            keys[:a, :, self.offset : end] = key.transpose(1, 2)
+            values[:a, :, self.offset : end] = value.transpose(1, 2)
+        else:
+            assert self.offset == 0, "a cache-less LeanDecoder makes one forward"
+            keys, values = key.transpose(1, 2), value.transpose(1, 2)
         # Grouped-query heads ride in the query length: [a, ng, npg * s, d] against the
         # group's [a, ng, end, d] keys, so K/V are never repeated per head.
         query = query.view(a, s, ng, npg, d).permute(0, 2, 3, 1, 4).reshape(a, ng, npg * s, d)
@@ -228,14 +241,14 @@ class LeanDecoder:
         out = self._reduce(F.linear(hidden, fc2.weight))
         return out if fc2.bias is None else out + fc2.bias
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor, gather: bool = True) -> torch.Tensor:
         gpt = self.gpt
         if gpt.share_embeddings_and_output_weights:
             weight = gpt.shared_embedding_or_output_weight()
         else:
             weight = gpt.output_layer.weight
         logits = F.linear(x, weight, getattr(gpt.output_layer, "bias", None))
-        if self.tp_group is None:
+        if self.tp_group is None or not gather:
             return logits
         parts = [torch.empty_like(logits) for _ in range(self.groups.tp_size)]
         dist.all_gather(parts, logits.contiguous(), group=self.tp_group)
@@ -251,6 +264,7 @@ class LeanDecoder:
         *,
         last_only: bool = False,
         logits_from: int = 0,
+        vocab_parallel: bool = False,
     ) -> torch.Tensor:
         """Feed ``tokens [a, s]`` of the running rows after the cached columns.
 
@@ -261,10 +275,13 @@ class LeanDecoder:
             last_only: return the last column's logits only.
             logits_from: return the logits of columns ``logits_from..s-1`` only (the
                 others are never projected onto the vocabulary).
+            vocab_parallel: return this TP rank's vocabulary shard ``[.., V/TP]`` in the
+                model's dtype (what Megatron's forward returns outside inference),
+                instead of the gathered float32 logits.
 
         Returns:
             ``[a, s - logits_from or 1, V]`` float32 logits over the whole (padded)
-            vocabulary.
+            vocabulary (``vocab_parallel``: ``[.., V/TP]``, model dtype).
         """
         a, s = tokens.shape
         end = self.offset + s
@@ -292,6 +309,8 @@ class LeanDecoder:
         final = _norm(self.gpt.decoder.final_layernorm)
         if final is not None:
             x = final(x)
+        if vocab_parallel:
+            return self._logits(x, gather=False)
         return self._logits(x).float()
 
     def keep_rows(self, keep: torch.Tensor) -> None:

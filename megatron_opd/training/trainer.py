@@ -356,6 +356,7 @@ class Trainer:
                 vocab_size=self.c.vocab_size,
                 student_temperature=self.student_temperature,
                 teacher_temperature=cfg.loss.teacher_temperature,
+                lean_forward=cfg.rollout.lean_decode,
             )
             self.c.teacher_offload()  # done with the teacher until the next rollout
         return batch
