@@ -37,6 +37,9 @@ setup(
         # Cluster containers ship NVIDIA apex; megatron_opd.platform detects it at run time.
         "gpu": ["transformer-engine[pytorch]", "vllm"],
         "test": ["pytest", "pytest-timeout", "hypothesis"],
+        # bench/vs_trl.py runs TRL's DistillationTrainer beside ours; install with the CPU pin
+        # (pip install torch==2.13.0 -e '.[bench]') so TRL never pulls another torch.
+        "bench": ["trl>=1.16"],
     },
     entry_points={"console_scripts": ["megatron-opd=megatron_opd.cli:main"]},
 )

@@ -10,6 +10,12 @@ a multiple of 128 * TP filled with garbage). Compared on the same data in one ru
 - ``topk+logp``: :func:`vocab_parallel_topk_log_probs` vs. all-gather, ``torch.topk`` and
   ``torch.logsumexp`` over the full vocabulary.
 
+The floor. Whatever the exchange, each rank must make the local torch passes over its
+shard: one ``torch.topk`` (``topk``), or one ``torch.topk`` and one ``torch.logsumexp``
+(``topk+logp``), over the real columns, in the same token chunks as ours. The script times
+exactly those calls (no communication) and prints our time as a ratio of that floor; the
+target is <= 1.3x at V = 151,936, K = 16, TP = 2.
+
 Reported per op: wall time (min over repeats, both ranks between barriers), values
 communicated per token (counted by wrapping ``torch.distributed.all_gather`` /
 ``all_reduce``: elements received per rank, divided by tokens), and peak extra memory (the
@@ -38,6 +44,7 @@ from megatron_opd.ops.shard import chunk_tokens_for  # noqa: E402
 from megatron_opd.testing.multiprocess import DistributedPool  # noqa: E402
 
 TP = 2
+FLOOR_TARGET = 1.3
 
 
 def _padded(vocab: int, tp: int) -> int:
@@ -117,6 +124,17 @@ def _bench_rank(cfg: dict):
     chunk = cfg["chunk_size"]
     block = cfg["naive_block"] or tokens
 
+    real = logits[:, : max(0, min(local, first_padding))]
+    chunk_tokens = chunk_tokens_for(chunk, local)
+
+    def floor(with_logsumexp: bool):
+        for start in range(0, tokens, chunk_tokens):
+            piece = real[start : start + chunk_tokens]
+            torch.topk(piece, k, dim=-1)
+            if with_logsumexp:
+                torch.logsumexp(piece, dim=-1)
+
+    floors = {"topk": lambda: floor(False), "topk+logp": lambda: floor(True)}
     ops = {
         "topk": (
             lambda: vocab_parallel_topk(logits, k, group, vocab_size=vocab, chunk_size=chunk),
@@ -156,6 +174,14 @@ def _bench_rank(cfg: dict):
                 dist.barrier()
                 times.append(time.perf_counter() - start)
             row[f"{label}_s"] = min(times)
+        times = []
+        for _ in range(cfg["repeats"]):
+            dist.barrier()
+            start = time.perf_counter()
+            floors[name]()
+            dist.barrier()
+            times.append(time.perf_counter() - start)
+        row["floor_s"] = min(times)
         report[name] = row
     report["chunk_tokens"] = chunk_tokens_for(chunk, local)
     report["local"] = local
@@ -216,6 +242,7 @@ def main() -> None:
         ours_m = max(r["ours_peak_extra"] for r in rows)
         naive_m = max(r["naive_peak_extra"] for r in rows)
         tied = max(r["tied_ids"] for r in rows)
+        floor_s = max(r["floor_s"] for r in rows)
         print(
             f"{name:<10} check  values equal; ids equal except {tied} tied position(s), "
             "where we return the lower id"
@@ -225,6 +252,13 @@ def main() -> None:
             f"{naive_v / ours_v:,.0f}x less ({ours_v:.1f} vs 2*K*TP = {2 * args.k * TP}) | "
             f"memory {naive_m / max(ours_m, 2**20):,.1f}x less (ours {_mib(ours_m)} vs one "
             f"chunk {_mib(chunk_tokens * local * 4)})"
+        )
+        verdict = "PASS" if ours_s <= FLOOR_TARGET * floor_s else "MISS"
+        passes = "topk" if name == "topk" else "topk + logsumexp"
+        print(
+            f"{name:<10} floor  {floor_s:.3f} s of local torch passes ({passes} per chunk, "
+            f"no communication) | ours {ours_s / floor_s:.2f}x the floor | "
+            f"{verdict} (target <= {FLOOR_TARGET}x at V=151,936, K=16, TP=2)"
         )
 
 

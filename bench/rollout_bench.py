@@ -5,6 +5,14 @@
 Both paths run the same tiny GPTModel (local spec, fp32, one thread) on the same left-padded
 batch with greedy decoding, so their tokens must agree; the script checks that and prints
 the two wall times and their ratio (best of ``--repeats``).
+
+Per-step vocabulary work beside it: every decode step the engine samples from ``[B, V]``
+logits and, when the trainer asks (one update per step), records the student's top-K ids
+and log-probs (:func:`~megatron_opd.rollout.sampling.sample_step`). Its floor is the local
+torch passes that cannot be avoided: one ``torch.topk`` and one ``torch.logsumexp`` over
+the rank's vocabulary (a sampler must also draw; shown as a second floor with
+``torch.multinomial``). Timed on the bench's ``V`` and at ``--floor-vocab`` (151,936, Qwen)
+with ``--floor-k`` (16), median of many calls, one thread.
 """
 
 from __future__ import annotations
@@ -80,10 +88,48 @@ def _run(args):
     return best, agree
 
 
+def _vocab_step_floor(rows: int, vocab: int, k: int, calls: int) -> dict[str, float]:
+    """Median seconds of our per-step vocabulary work and of its floors on [rows, vocab]."""
+    import statistics
+
+    from megatron_opd.rollout.sampling import sample_step
+
+    torch.set_num_threads(1)
+    padded = -(-vocab // 128) * 128
+    logits = torch.randn(rows, padded, generator=torch.Generator().manual_seed(0)) * 3
+    generator = torch.Generator().manual_seed(1)
+
+    def ours():
+        sample_step(logits, temperature=1.0, top_p=1.0, generator=generator, vocab_size=vocab,
+                    top_k=k)  # fmt: skip
+
+    real = logits[:, :vocab]
+
+    def floor():
+        torch.topk(real, k, dim=-1)
+        torch.logsumexp(real, dim=-1)
+
+    def floor_and_draw():
+        floor()
+        torch.multinomial(real.softmax(dim=-1), 1, generator=generator)
+
+    out = {}
+    for name, fn in (("ours", ours), ("floor", floor), ("floor+draw", floor_and_draw)):
+        fn()
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        out[name] = statistics.median(times)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name, default in (("batch", 16), ("prompt", 32), ("new", 128), ("hidden", 64),
-                          ("vocab", 512), ("repeats", 2)):  # fmt: skip
+                          ("vocab", 512), ("repeats", 2), ("floor-vocab", 151_936),
+                          ("floor-k", 16), ("floor-calls", 50)):  # fmt: skip
         parser.add_argument(f"--{name}", type=int, default=default)
     args = parser.parse_args()
     from megatron_opd.testing.multiprocess import close_all_pools, run_distributed
@@ -101,6 +147,15 @@ def main() -> None:
         f"  speed-up x{best['recompute'] / best['kv_cache']:.1f}; greedy tokens agree on "
         f"{agree:.1%} of positions"
     )
+    print("per-step vocabulary work (sample + log-prob + top-K record) vs its floor, 1 thread:")
+    for vocab in (args.vocab, args.floor_vocab):
+        t = _vocab_step_floor(args.batch, vocab, args.floor_k, args.floor_calls)
+        print(
+            f"  B={args.batch} V={vocab:,} K={args.floor_k}: ours {t['ours'] * 1e3:.3f} ms | floor "
+            f"(topk + logsumexp) {t['floor'] * 1e3:.3f} ms -> {t['ours'] / t['floor']:.2f}x | "
+            f"floor + multinomial draw {t['floor+draw'] * 1e3:.3f} ms -> "
+            f"{t['ours'] / t['floor+draw']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

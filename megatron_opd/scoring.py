@@ -168,12 +168,20 @@ def causal_mask(length: int, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def model_logits(
-    model: torch.nn.Module, tokens: torch.Tensor, groups: ParallelGroups
+    model: torch.nn.Module, tokens: torch.Tensor, groups: ParallelGroups, *, lean: bool = False
 ) -> torch.Tensor | None:
     """``[b, s, V/TP]`` vocab-sharded logits of right-padded ``tokens [b, s]`` (last stage;
-    None elsewhere). The caller puts the model in eval mode."""
+    None elsewhere). The caller puts the model in eval mode. ``lean``: where the model
+    allows it, the lean plain-torch forward over its own parameters
+    (:mod:`megatron_opd.rollout.lean_decoder`, no KV cache kept) instead of Megatron's."""
     b, s = tokens.shape
     positions = torch.arange(s, device=tokens.device)[None].expand(b, s)
+    if lean:
+        from megatron_opd.rollout.lean_decoder import LeanDecoder, lean_unsupported
+
+        if lean_unsupported(model, groups) is None:
+            decoder = LeanDecoder(model, groups, rows=b, max_len=s, use_cache=False)
+            return decoder.forward(tokens, positions, None, vocab_parallel=True)
     return forward_through_stages(model, tokens, positions, causal_mask(s, tokens.device), groups)
 
 
@@ -187,10 +195,25 @@ def naming_the_model(role: str, where: str = "scoring the rollouts") -> Iterator
         raise ValueError(f"{where}, the {role}'s {err}") from None
 
 
+def _topk_scores(logits, k: int, tp, *, full_vocab: bool, temperature: float, vocab_size):
+    """``(log_probs [.., k], ids [.., k])`` of the top-``k`` of ``logits / temperature``;
+    with ``full_vocab`` (k is the whole vocabulary) every id in id order, with no sort."""
+    if full_vocab:
+        ids = torch.arange(k, device=logits.device).expand(*logits.shape[:-1], k)
+        lp = vocab_parallel_log_probs(
+            logits, ids, tp, temperature=temperature, vocab_size=vocab_size
+        )
+        return lp, ids
+    lp, ids, _ = vocab_parallel_topk_log_probs(
+        logits, k, tp, temperature=temperature, vocab_size=vocab_size
+    )
+    return lp, ids
+
+
 def score_rollouts(
     batch: RolloutBatch,
     *,
-    student: torch.nn.Module,
+    student: torch.nn.Module | None,
     teacher: torch.nn.Module | None,
     groups: ParallelGroups,
     top_k: int,
@@ -198,6 +221,7 @@ def score_rollouts(
     vocab_size: int | None = None,
     student_temperature: float = 1.0,
     teacher_temperature: float = 1.0,
+    lean_forward: bool = False,
 ) -> RolloutBatch:
     """Fill the batch's SCORE fields in place (last stage) and return it.
 
@@ -212,6 +236,15 @@ def score_rollouts(
     :meth:`~megatron_opd.rollout.chunk_scorer.ChunkScorer.fill_scores`), so only the
     student runs, and its log-probs are taken at those ids.
 
+    ``student=None``: the student fields ``student_topk_ids``, ``student_topk_log_probs``
+    and ``student_sampled_log_probs`` are already in the batch (recorded by the rollout
+    engine from the logits it sampled from, ``generate(student_top_k=K)``), so the
+    student does not run; ``student_log_probs_at_teacher_ids`` is then left None (only
+    several updates per step with a teacher-side id set read it).
+
+    A ``top_k`` equal to the vocabulary takes every id in id order (no sort; the overlap
+    ratio is 1 on every response token).
+
     Args:
         batch: tokens and lengths on every stage (identical on all ranks of a replica).
         student, teacher: this stage's GPTModels (same pipeline layout and TP group).
@@ -222,6 +255,8 @@ def score_rollouts(
         student_temperature: the student's logits are divided by it (the rollout's
             sampling temperature: its log-probs are then the sampling policy's).
         teacher_temperature: the teacher's logits are divided by it.
+        lean_forward: run the no-grad forwards on the lean path where the models allow it
+            (``rollout.lean_decode``; :func:`model_logits`).
     """
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
@@ -232,21 +267,33 @@ def score_rollouts(
     b, s = tokens.shape
     last = groups.is_last_stage
     fused = teacher is None
+    recorded = student is None
     if fused and last and (batch.teacher_topk_ids is None or batch.student_topk_ids is None):
         raise ValueError(
             "score_rollouts(teacher=None) needs the teacher's scores and the student's top-K "
             "ids in the batch (ChunkScorer.fill_scores); pass the teacher to score it here"
         )
+    student_fields = ("student_topk_ids", "student_topk_log_probs", "student_sampled_log_probs")
+    if recorded and last and any(getattr(batch, name) is None for name in student_fields):
+        raise ValueError(
+            "score_rollouts(student=None) needs the student's top-K ids, their log-probs and "
+            "the sampled log-probs in the batch (generate(student_top_k=K)); pass the student "
+            "to score it here"
+        )
     if last:
         f32 = dict(dtype=torch.float32, device=device)
-        fields = {
-            "student_topk_log_probs": torch.zeros(b, s, top_k, **f32),
-            "student_sampled_log_probs": torch.zeros(b, s, **f32),
-            "student_log_probs_at_teacher_ids": torch.zeros(b, s, top_k, **f32),
-        }
+        fields = {}
+        if not recorded:
+            fields.update(
+                student_topk_log_probs=torch.zeros(b, s, top_k, **f32),
+                student_sampled_log_probs=torch.zeros(b, s, **f32),
+                student_log_probs_at_teacher_ids=torch.zeros(b, s, top_k, **f32),
+            )
+            if not fused:
+                fields["student_topk_ids"] = torch.zeros(b, s, top_k, dtype=torch.long,
+                                                         device=device)  # fmt: skip
         if not fused:
             fields.update(
-                student_topk_ids=torch.zeros(b, s, top_k, dtype=torch.long, device=device),
                 teacher_topk_ids=torch.zeros(b, s, top_k, dtype=torch.long, device=device),
                 teacher_topk_log_probs=torch.zeros(b, s, top_k, **f32),
                 teacher_log_probs_at_student_ids=torch.zeros(b, s, top_k, **f32),
@@ -255,25 +302,33 @@ def score_rollouts(
     total = batch.total_lengths().to(device)
     prompt = batch.prompt_lengths.to(device)
     tp = groups.tp_group
-    models = (student,) if fused else (student, teacher)
+    models = tuple(m for m in (student, teacher) if m is not None)
+    full_vocab = False
     with contextlib.ExitStack() as stack:
         for model in models:
             stack.enter_context(eval_without_sequence_parallel(model))
-        for begin in range(0, b, micro_batch_size):
+        for begin in range(0, b, micro_batch_size if models else b):
+            if not models:
+                break
             rows = slice(begin, min(b, begin + micro_batch_size))
             length = int(total[rows].max())
             # Predictions of response tokens come from columns [first - 1, length - 1).
             first = max(int(prompt[rows].min()), 1)
             mb_tokens = tokens[rows, :length]
-            student_logits = model_logits(student, mb_tokens, groups)
-            teacher_logits = None if fused else model_logits(teacher, mb_tokens, groups)
+            lean = dict(lean=lean_forward)
+            student_logits = None if recorded else model_logits(student, mb_tokens, groups, **lean)
+            teacher_logits = None if fused else model_logits(teacher, mb_tokens, groups, **lean)
             if not last:
                 continue
-            student_logits = student_logits[:, first - 1 : length - 1]
+            any_logits = student_logits if student_logits is not None else teacher_logits
+            real_vocab = vocab_size or any_logits.shape[-1] * groups.tp_size
+            full_vocab = top_k >= real_vocab
             targets = mb_tokens[:, first:length, None]
             cols = slice(first, length)
             student_t = dict(temperature=student_temperature, vocab_size=vocab_size)
+            teacher_t = dict(temperature=teacher_temperature, vocab_size=vocab_size)
             if fused:
+                student_logits = student_logits[:, first - 1 : length - 1]
                 s_ids = batch.student_topk_ids[rows, cols].to(device)
                 t_ids = batch.teacher_topk_ids[rows, cols].to(device)
                 with naming_the_model("student"):
@@ -286,33 +341,55 @@ def score_rollouts(
                 fields["student_log_probs_at_teacher_ids"][rows, cols] = s_at[..., 1 + top_k :]
                 continue
             teacher_logits = teacher_logits[:, first - 1 : length - 1]
-            teacher_t = dict(temperature=teacher_temperature, vocab_size=vocab_size)
-            with naming_the_model("student"):
-                s_lp, s_ids, _ = vocab_parallel_topk_log_probs(
-                    student_logits, top_k, tp, **student_t
-                )
             with naming_the_model("teacher"):
-                t_lp, t_ids, _ = vocab_parallel_topk_log_probs(
-                    teacher_logits, top_k, tp, **teacher_t
-                )
-                at_ids = torch.cat([targets, s_ids], dim=-1)
-                t_at = vocab_parallel_log_probs(teacher_logits, at_ids, tp, **teacher_t)
-            s_ids_at = torch.cat([targets, t_ids], dim=-1)
-            with naming_the_model("student"):
-                s_at = vocab_parallel_log_probs(student_logits, s_ids_at, tp, **student_t)
-            fields["student_topk_ids"][rows, cols] = s_ids
-            fields["student_topk_log_probs"][rows, cols] = s_lp
-            fields["student_sampled_log_probs"][rows, cols] = s_at[..., 0]
+                t_lp, t_ids = _topk_scores(teacher_logits, top_k, tp, full_vocab=full_vocab,
+                                           **teacher_t)  # fmt: skip
+            if recorded:
+                s_ids = batch.student_topk_ids[rows, cols].to(device)
+            else:
+                student_logits = student_logits[:, first - 1 : length - 1]
+                with naming_the_model("student"):
+                    s_lp, s_ids = _topk_scores(student_logits, top_k, tp,
+                                               full_vocab=full_vocab, **student_t)  # fmt: skip
+            if full_vocab:  # every id in id order on both sides: read, don't gather again
+                t_at_student = t_lp
+                t_sampled = t_lp.gather(-1, targets)[..., 0]
+            else:
+                with naming_the_model("teacher"):
+                    t_at = vocab_parallel_log_probs(
+                        teacher_logits, torch.cat([targets, s_ids], dim=-1), tp, **teacher_t
+                    )
+                t_at_student, t_sampled = t_at[..., 1:], t_at[..., 0]
             fields["teacher_topk_ids"][rows, cols] = t_ids
             fields["teacher_topk_log_probs"][rows, cols] = t_lp
-            fields["teacher_sampled_log_probs"][rows, cols] = t_at[..., 0]
-            fields["teacher_log_probs_at_student_ids"][rows, cols] = t_at[..., 1:]
-            fields["student_log_probs_at_teacher_ids"][rows, cols] = s_at[..., 1:]
+            fields["teacher_sampled_log_probs"][rows, cols] = t_sampled
+            fields["teacher_log_probs_at_student_ids"][rows, cols] = t_at_student
+            if recorded:
+                continue
+            if full_vocab:
+                s_at_teacher, s_sampled = s_lp, s_lp.gather(-1, targets)[..., 0]
+            else:
+                with naming_the_model("student"):
+                    s_at = vocab_parallel_log_probs(
+                        student_logits, torch.cat([targets, t_ids], dim=-1), tp, **student_t
+                    )
+                s_at_teacher, s_sampled = s_at[..., 1:], s_at[..., 0]
+            fields["student_topk_ids"][rows, cols] = s_ids
+            fields["student_topk_log_probs"][rows, cols] = s_lp
+            fields["student_sampled_log_probs"][rows, cols] = s_sampled
+            fields["student_log_probs_at_teacher_ids"][rows, cols] = s_at_teacher
     if not last:
         return batch
     response = batch.response_mask().to(device)
     for name, value in fields.items():
         mask = response if value.dim() == 2 else response[..., None]
         setattr(batch, name, torch.where(mask, value, torch.zeros_like(value)))
-    batch.overlap_ratio, _ = overlap_ratio(batch.student_topk_ids, batch.teacher_topk_ids, response)
+    if recorded:
+        batch.student_log_probs_at_teacher_ids = None
+    if full_vocab:  # both sets are the whole vocabulary
+        batch.overlap_ratio = response.float()
+    else:
+        batch.overlap_ratio, _ = overlap_ratio(
+            batch.student_topk_ids, batch.teacher_topk_ids, response
+        )
     return batch

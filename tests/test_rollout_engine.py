@@ -31,10 +31,13 @@ SAMPLED = dict(temperature=1.0, top_p=0.9, n=2, seed=7, generation_batch_size=3)
 
 
 def _models(groups):
-    student = build_tiny_gpt(groups, seed=STUDENT_SEED)
+    # RoPE: at one pipeline stage (tp1, tp2) the engine and the chunk scorer run the lean
+    # decoder; pp2 runs Megatron's own KV-cached forward.
+    student = build_tiny_gpt(groups, seed=STUDENT_SEED, position="rope")
     teacher = build_tiny_gpt(
-        groups, seed=STUDENT_SEED, noise_seed=TEACHER_NOISE_SEED, noise_scale=0.12
-    )
+        groups, seed=STUDENT_SEED, noise_seed=TEACHER_NOISE_SEED, noise_scale=0.12,
+        position="rope",
+    )  # fmt: skip
     return student, teacher
 
 
@@ -86,7 +89,8 @@ def _reference_generate(model, *, eos, temperature, top_p, n, seed, generation_b
 
 def _reference_scores(student, teacher, batch):
     out = {"student_ids": [], "student_lp": [], "teacher_ids": [], "teacher_lp": [],
-           "teacher_at_student": [], "teacher_sampled": [], "student_sampled": []}  # fmt: skip
+           "teacher_at_student": [], "teacher_sampled": [], "student_sampled": [],
+           "student_full": [], "teacher_full": []}  # fmt: skip
     for i in range(batch.batch_size):
         p, r = int(batch.prompt_lengths[i]), int(batch.response_lengths[i])
         seq = batch.tokens[i, : p + r].tolist()
@@ -102,6 +106,8 @@ def _reference_scores(student, teacher, batch):
         out["teacher_at_student"].append(t_lp.gather(1, s_ids))
         out["teacher_sampled"].append(t_lp.gather(1, targets)[:, 0])
         out["student_sampled"].append(s_lp.gather(1, targets)[:, 0])
+        out["student_full"].append(s_lp)
+        out["teacher_full"].append(t_lp)
     return out
 
 
@@ -140,15 +146,30 @@ def _engine_cases(groups, student, teacher, eos):
     from megatron_opd.prune.compat import drift_events
     from megatron_opd.prune.weights import reliability_weights
     from megatron_opd.rollout.chunk_scorer import ChunkScorer
+    from megatron_opd.rollout.kv_decoder import MegatronKVDecoder
+    from megatron_opd.rollout.lean_decoder import LeanDecoder
     from megatron_opd.scoring import score_rollouts
 
     res = {"last": groups.is_last_stage, "tp_rank": groups.tp_rank}
-    batch_sizes = []
-    hook = student.register_forward_pre_hook(
-        lambda module, args, kwargs: batch_sizes.append(args[0].shape[0]), with_kwargs=True
-    )
-    greedy = _engine(groups, student, eos).generate(PROMPTS, max_new_tokens=NUM_NEW, seed=1)
-    hook.remove()
+    batch_sizes, decoders = [], []
+    originals = {cls: cls.forward for cls in (LeanDecoder, MegatronKVDecoder)}
+
+    def recording(cls):
+        def forward(self, tokens, *args, **kwargs):
+            batch_sizes.append(tokens.shape[0])
+            decoders.append(cls.__name__)
+            return originals[cls](self, tokens, *args, **kwargs)
+
+        return forward
+
+    for cls in originals:
+        cls.forward = recording(cls)
+    try:
+        greedy = _engine(groups, student, eos).generate(PROMPTS, max_new_tokens=NUM_NEW, seed=1)
+    finally:
+        for cls, forward in originals.items():
+            cls.forward = forward
+    res["decoders"] = sorted(set(decoders))
     res["greedy"] = _rows(greedy)
     res["greedy_tokens"] = greedy.tokens
     res["greedy_prompt_lengths"] = greedy.prompt_lengths.tolist()
@@ -160,9 +181,10 @@ def _engine_cases(groups, student, teacher, eos):
     res["sampled"] = _rows(batch)
     res["prompt_index"] = batch.prompt_index.tolist()
 
+    # The lean no-grad forward at one stage (tp1, tp2); pp2 falls back to Megatron's.
     scored = score_rollouts(
         _scoring_batch(), student=student, teacher=teacher, groups=groups, top_k=TOP_K,
-        micro_batch_size=2, vocab_size=VOCAB_SIZE,
+        micro_batch_size=2, vocab_size=VOCAB_SIZE, lean_forward=True,
     )  # fmt: skip
     if groups.is_last_stage:
         res["scores"] = {
@@ -178,6 +200,34 @@ def _engine_cases(groups, student, teacher, eos):
                 "overlap_ratio",
             )  # fmt: skip
         }
+
+    # K = the whole vocabulary (exact full-vocabulary losses): every id in id order.
+    full_vocab = score_rollouts(
+        _scoring_batch(), student=student, teacher=teacher, groups=groups, top_k=VOCAB_SIZE,
+        micro_batch_size=2, vocab_size=VOCAB_SIZE,
+    )  # fmt: skip
+    if groups.is_last_stage:
+        res["full_vocab_scores"] = {name: getattr(full_vocab, name) for name in SCORE_FIELDS}
+
+    # The rollout records the student's scoring fields; a student-less scoring pass then
+    # fills the teacher's. Both must equal a full scoring pass of the same batch.
+    recorder = _engine(groups, student, eos, temperature=1.0, n=2)
+    recorded = recorder.generate(PROMPTS, max_new_tokens=NUM_NEW, seed=4, student_top_k=TOP_K)
+    scored = score_rollouts(
+        copy.deepcopy(recorded), student=student, teacher=teacher, groups=groups, top_k=TOP_K,
+        micro_batch_size=3, vocab_size=VOCAB_SIZE,
+    )  # fmt: skip
+    score_rollouts(
+        recorded, student=None, teacher=teacher, groups=groups, top_k=TOP_K,
+        micro_batch_size=3, vocab_size=VOCAB_SIZE,
+    )  # fmt: skip
+    if groups.is_last_stage:
+        res["recorded_scores"] = {
+            name: (getattr(recorded, name), getattr(scored, name))
+            for name in SCORE_FIELDS
+            if name != "student_log_probs_at_teacher_ids"
+        }
+        res["recorded_at_teacher_ids"] = recorded.student_log_probs_at_teacher_ids
 
     from megatron_opd.scoring import broadcast_from_last_stage
 
@@ -333,6 +383,10 @@ def test_eos_stops_rows_and_finished_rows_leave_the_batch(runs):
     for tokens, _ in greedy:
         assert all(t not in eos for t in tokens[:-1])
         assert len(tokens) == NUM_NEW or tokens[-1] in eos
+    # One pipeline stage decodes on the lean path, two on Megatron's forward.
+    assert results["tp1"][0]["decoders"] == ["LeanDecoder"]
+    assert all(res["decoders"] == ["LeanDecoder"] for res in results["tp2"])
+    assert all(res["decoders"] == ["MegatronKVDecoder"] for res in results["pp2"])
     # Prefill with all 4 rows, then one decode step per token with only the running rows.
     sizes = results["tp1"][0]["batch_sizes"]
     running = [sum(1 for n in lengths if n > step) for step in range(max(lengths))]
@@ -383,6 +437,46 @@ def test_scoring_equals_full_vocabulary_reference(runs, layout):
             outside = torch.ones(batch.seq_length, dtype=torch.bool)
             outside[p : p + r] = False
             assert (scores["teacher_topk_log_probs"][i][outside] == 0).all()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_full_vocabulary_scoring_takes_every_id_in_order(runs, layout):
+    ref, results = runs
+    expected = ref["scores"]
+    batch = _scoring_batch()
+    every = torch.arange(VOCAB_SIZE)
+    for res in (r for r in results[layout] if r["last"]):
+        scores = res["full_vocab_scores"]
+        for i in range(batch.batch_size):
+            p, r = int(batch.prompt_lengths[i]), int(batch.response_lengths[i])
+            cols = slice(p, p + r)
+            for side in ("student", "teacher"):
+                assert torch.equal(scores[f"{side}_topk_ids"][i, cols], every.expand(r, -1))
+                want = expected[f"{side}_full"][i]
+                torch.testing.assert_close(scores[f"{side}_topk_log_probs"][i, cols], want,
+                                           atol=2e-5, rtol=0)  # fmt: skip
+                torch.testing.assert_close(
+                    scores[f"{side}_sampled_log_probs"][i, cols], expected[f"{side}_sampled"][i],
+                    atol=2e-5, rtol=0,
+                )  # fmt: skip
+            torch.testing.assert_close(scores["teacher_log_probs_at_student_ids"][i, cols],
+                                       expected["teacher_full"][i], atol=2e-5, rtol=0)  # fmt: skip
+            torch.testing.assert_close(scores["student_log_probs_at_teacher_ids"][i, cols],
+                                       expected["student_full"][i], atol=2e-5, rtol=0)  # fmt: skip
+            assert (scores["overlap_ratio"][i, cols] == 1).all()
+            assert (scores["overlap_ratio"][i, p + r :] == 0).all()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_student_scores_recorded_by_the_rollout_equal_a_scoring_pass(runs, layout):
+    _, results = runs
+    for res in (r for r in results[layout] if r["last"]):
+        for name, (recorded, scored) in res["recorded_scores"].items():
+            if recorded.dtype in (torch.long, torch.bool):
+                assert torch.equal(recorded, scored), name
+            else:
+                torch.testing.assert_close(recorded, scored, atol=2e-5, rtol=0, msg=name)
+        assert res["recorded_at_teacher_ids"] is None  # no student pass: not computed
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

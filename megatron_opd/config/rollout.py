@@ -87,6 +87,13 @@ class RolloutConfig:
     """Rows generated together with one KV cache (a micro-batch of the rollout);
     0 = all rows of a call at once."""
 
+    lean_decode: bool = True
+    """``megatron`` engine, chunk scoring and the no-grad scoring forwards: run the
+    forward as a lean plain-torch computation over the GPTModel's own parameters
+    (:mod:`megatron_opd.rollout.lean_decoder`; tested equal to Megatron's forward) where
+    the model allows it (one pipeline stage, local layer spec, no FP8); False, or any
+    other model: Megatron's ``GPTModel.forward`` with a ``StaticInferenceContext``."""
+
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     """Settings of the vLLM engine (read only when ``engine`` is ``vllm``)."""
 

@@ -62,11 +62,36 @@ def merge_topk(
     values: torch.Tensor, ids: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` of candidates ``[c, m]`` ordered by (value descending, id ascending)."""
+    if values.shape[-1] == k and k > 1:
+        # One shard's candidates (TP = 1) come sorted by value from torch.topk: only rows
+        # that are not strictly decreasing (ties, or the exact-tie repair) need the sort.
+        unordered = (values[:, 1:] >= values[:, :-1]).any(dim=-1).nonzero()[:, 0]
+        if unordered.numel() == 0:
+            return values, ids
+        values, ids = values.clone(), ids.clone()
+        values[unordered], ids[unordered] = _sorted_by_value_then_id(
+            values[unordered], ids[unordered], k
+        )
+        return values, ids
+    return _sorted_by_value_then_id(values, ids, k)
+
+
+def _sorted_by_value_then_id(
+    values: torch.Tensor, ids: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     by_id = ids.argsort(dim=-1)
     values_by_id = values.gather(-1, by_id)
     order = torch.sort(values_by_id, dim=-1, descending=True, stable=True).indices[:, :k]
     pick = by_id.gather(-1, order)
     return values.gather(-1, pick), ids.gather(-1, pick)
+
+
+def exact_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` of one unsplit ``[c, v]`` row block ordered by (value descending, id
+    ascending): :func:`local_topk` + :func:`merge_topk` without the vocabulary-parallel
+    ops' argument exchange and checks (a rollout's per-decode-step top-K)."""
+    values, ids = local_topk(x, k, 0, x.shape[-1])
+    return merge_topk(values, ids, k)
 
 
 def topk_membership(

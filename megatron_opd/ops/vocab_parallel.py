@@ -87,10 +87,13 @@ def _local_candidates(
     rows_bad = poisoned(values).any(dim=-1)
     packed = values
     if with_logsumexp:
-        x, writable = (ranked, True) if ranked is not raw else scaled_chunk(raw, temperature)
-        local_max = finite_or_zero(values.amax(dim=-1))[:, None]
-        shifted = x.sub_(local_max) if writable else x - local_max
-        packed = torch.cat([values, shifted.exp_().sum(dim=-1, keepdim=True)], dim=1)
+        # One torch.logsumexp pass over the shard (the floor of this op is that and the
+        # top-K); the exchanged ``sum exp(x - local max)`` follows from it exactly enough
+        # (lse - max is in [0, log V]). Short floats are summed in fp32.
+        x = scaled_chunk(raw, temperature)[0] if raw.dtype in _SHORT_FLOATS else ranked
+        local_max = finite_or_zero(values.amax(dim=-1))
+        sums = torch.exp(torch.logsumexp(x, dim=-1) - local_max)
+        packed = torch.cat([values, sums[:, None]], dim=1)
     return torch.where(rows_bad[:, None], float("nan"), packed), ids
 
 
@@ -104,31 +107,43 @@ def _topk_impl(
 ):
     """Chunked global top-``k`` of ``flat [N, V_local] / temperature``.
 
+    Every chunk's local candidates (``[c, k (+1)]`` values and ids) are kept, and all of
+    them are exchanged in ONE all-gather at the end: the per-chunk collectives would cost
+    a communication round trip per ~16 MiB chunk, often more than the chunk's top-K. The
+    ids travel inside the float payload when the compute dtype holds them exactly.
+
     Returns ``(values [N, k], ids [N, k], logsumexp [N] or None, bad [N])``; ``bad`` is
     identical on every rank (NaN / +inf, or fewer than ``k`` entries above ``-inf``).
     """
     num_tokens = flat.shape[0]
     dtype = compute_dtype(flat.dtype)
-    values = torch.empty(num_tokens, k, dtype=dtype, device=flat.device)
-    ids = torch.empty(num_tokens, k, dtype=torch.long, device=flat.device)
-    lse = torch.empty(num_tokens, dtype=dtype, device=flat.device) if with_logsumexp else None
-    bad = torch.zeros(num_tokens, dtype=torch.bool, device=flat.device)
+    width = k + 1 if with_logsumexp else k
+    packed = torch.empty(num_tokens, width, dtype=dtype, device=flat.device)
+    cand_ids = torch.empty(num_tokens, k, dtype=torch.long, device=flat.device)
     for start, end in chunk_ranges(num_tokens, chunk_tokens):
-        packed, cand_ids = _local_candidates(
+        packed[start:end], cand_ids[start:end] = _local_candidates(
             flat[start:end, : shard.num_valid], k, shard, temperature, with_logsumexp
         )
-        gathered = all_gather_stacked(packed, shard)  # [TP, c, k (+1)]
-        gathered_ids = all_gather_stacked(cand_ids, shard)  # [TP, c, k]
-        all_values = gathered[..., :k].permute(1, 0, 2).reshape(end - start, -1)
-        all_ids = gathered_ids.permute(1, 0, 2).reshape(end - start, -1)
-        chunk_values, ids[start:end] = merge_topk(all_values, all_ids, k)
-        values[start:end] = chunk_values
-        chunk_bad = torch.isnan(gathered).any(dim=2).any(dim=0)
-        chunk_bad |= (chunk_values == float("-inf")).any(dim=-1)
-        if with_logsumexp:
-            lse[start:end] = combine_logsumexp(gathered[..., :k].amax(dim=2), gathered[..., k])
-            chunk_bad |= ~torch.isfinite(lse[start:end])
-        bad[start:end] = chunk_bad
+    # float32 holds every integer up to 2**24, float64 up to 2**53.
+    exact_ids = shard.padded_vocab_size <= (2**24 if dtype == torch.float32 else 2**53)
+    if exact_ids:
+        payload = torch.cat([packed, cand_ids.to(dtype)], dim=1)
+        gathered_all = all_gather_stacked(payload, shard)  # [TP, N, width + k]
+        gathered = gathered_all[..., :width]
+        gathered_ids = gathered_all[..., width:].long()
+    else:
+        gathered = all_gather_stacked(packed, shard)  # [TP, N, k (+1)]
+        gathered_ids = all_gather_stacked(cand_ids, shard)  # [TP, N, k]
+    candidates = gathered.shape[0] * k
+    all_values = gathered[..., :k].permute(1, 0, 2).reshape(num_tokens, candidates)
+    all_ids = gathered_ids.permute(1, 0, 2).reshape(num_tokens, candidates)
+    values, ids = merge_topk(all_values, all_ids, k)
+    bad = torch.isnan(gathered).any(dim=2).any(dim=0)
+    bad |= (values == float("-inf")).any(dim=-1)
+    lse = None
+    if with_logsumexp:
+        lse = combine_logsumexp(gathered[..., :k].amax(dim=2), gathered[..., k])
+        bad |= ~torch.isfinite(lse)
     return values, ids, lse, bad
 
 

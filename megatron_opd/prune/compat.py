@@ -150,8 +150,12 @@ def drift_events(
     teacher_topk_ids: torch.Tensor | None = None,
     sampled_ids: torch.Tensor | None = None,
     teacher_topk_log_probs: torch.Tensor | None = None,
+    overlap: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Bad events of the configured metric (``prune.metric`` / ``prune.threshold``).
+
+    ``overlap``: the ``[b, s]`` overlap ratio of these top-K ids when the caller already
+    has it (scoring computes it for the logs); it is reused instead of recomputed.
 
     Returns:
         ``(bad [b, s] bool, overlap [b, s] float32 or None)``; ``overlap`` is the overlap
@@ -159,6 +163,9 @@ def drift_events(
     """
     if metric == "overlap":
         _check_probability("tau (prune.threshold)", threshold)
+        if overlap is not None:
+            _check_mask(valid_mask, overlap.shape)
+            return (overlap < threshold) & valid_mask.bool(), overlap
         if student_topk_ids is None or teacher_topk_ids is None:
             raise ValueError("metric 'overlap' needs student_topk_ids and teacher_topk_ids")
         ratio, _ = overlap_ratio(student_topk_ids, teacher_topk_ids, valid_mask)

@@ -37,18 +37,15 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd.distributed import ParallelGroups
-from megatron_opd.mcore_compat import materialize_all_logits
-from megatron_opd.ops.vocab_parallel import vocab_parallel_log_probs, vocab_parallel_topk_log_probs
+from megatron_opd.ops.vocab_parallel import vocab_parallel_gather, vocab_parallel_topk_log_probs
 from megatron_opd.prune.compat import drift_events
 from megatron_opd.prune.online_stop import OnlineStopper
 from megatron_opd.prune.weights import ReliabilityWeights
 from megatron_opd.rollout.batch import RolloutBatch
 from megatron_opd.rollout.engine import GenerationChunk, PromptBlock
-from megatron_opd.scoring import (
-    eval_without_sequence_parallel,
-    forward_through_stages,
-    naming_the_model,
-)
+from megatron_opd.rollout.kv_decoder import make_kv_decoder
+from megatron_opd.rollout.lean_decoder import LeanDecoder
+from megatron_opd.scoring import eval_without_sequence_parallel, naming_the_model
 
 
 class ChunkScorer:
@@ -62,6 +59,7 @@ class ChunkScorer:
         *,
         vocab_size: int | None = None,
         teacher_temperature: float = 1.0,
+        lean_decode: bool = True,
     ) -> None:
         """
         Args:
@@ -71,7 +69,10 @@ class ChunkScorer:
                 PruneConfig`): metric, threshold, top_k, weights and stop rules.
             vocab_size: real vocabulary size (padding ids never enter a top-K).
             teacher_temperature: the teacher's logits are divided by it (as in scoring).
+            lean_decode: feed the teacher through the lean KV-cached forward where it
+                supports the model (``rollout.lean_decode``; :mod:`.kv_decoder`).
         """
+        self.lean_decode = bool(lean_decode)
         self.teacher_temperature = float(teacher_temperature)
         self.teacher = teacher
         self.groups = groups
@@ -83,22 +84,21 @@ class ChunkScorer:
         self.stopped_early = torch.zeros(0, dtype=torch.bool)
         """``[b]`` bool: generation of the sample was ended by the online stop (before its
         EOS and its token budget); on every rank."""
-        self._overlap: dict[int, list[torch.Tensor]] = {}
-        self._context = None
+        self._overlap: list[tuple[torch.Tensor, int, torch.Tensor, dict[str, torch.Tensor]]] = []
+        self._decoder = None
         self._rows: torch.Tensor | None = None
         self._pending: torch.Tensor | None = None
+        self._prompt: torch.Tensor | None = None
 
     def start(self, prompts: PromptBlock) -> None:
         """Prefill the teacher with the block's prompts (a new call resets the stopper)."""
-        from megatron.core.inference.contexts import StaticInferenceContext
-
         device = self.groups.platform.device
         if self.stopper is None or int(prompts.sample_index.min()) == 0:
             self.stopper = OnlineStopper.from_config(
                 prompts.num_samples, self.config, device=device
             )
             self.stopped_early = torch.zeros(prompts.num_samples, dtype=torch.bool, device=device)
-            self._overlap = {}
+            self._overlap = []
             self._records = []
         tokens = prompts.prompt_tokens.to(device)
         m, p = tokens.shape
@@ -109,35 +109,31 @@ class ChunkScorer:
         self._positions = (columns[None, :] - pad[:, None]).clamp(min=0)
         self._sample_index = prompts.sample_index.to(device)
         self._rows = torch.arange(m, device=device)  # block rows in the teacher's cache
-        self._context = StaticInferenceContext(m, total)
-        materialize_all_logits(self._context)
+        self._decoder = make_kv_decoder(
+            self.teacher, self.groups, rows=m, max_len=total, lean=self.lean_decode,
+            all_logits=True, decode_after_first=False,
+        )  # fmt: skip
         self._pending = None
+        self._prompt = None
+        if isinstance(self._decoder, LeanDecoder):
+            # The lean decoder prefills the prompt together with the first chunk (one
+            # forward fewer), projecting only the columns that predict chunk tokens.
+            self._prompt = tokens
+            return
         logits = self._forward(tokens)
         if logits is not None:
             self._pending = logits[:, -1:]
 
     @torch.no_grad()
-    def _forward(self, tokens: torch.Tensor) -> torch.Tensor | None:
+    def _forward(self, tokens: torch.Tensor, *, logits_from: int = 0) -> torch.Tensor | None:
         """Feed ``tokens [r, c]`` of the running rows after the cached prefix."""
-        context, rows = self._context, self._rows
-        offset = context.sequence_len_offset
-        c = tokens.shape[1]
-        query = torch.arange(offset, offset + c, device=tokens.device)
-        keys = torch.arange(offset + c, device=tokens.device)
-        future = keys[None, :] > query[:, None]  # [c, offset + c]
-        mask = future[None, None] | ~self._key_valid[rows, None, None, : offset + c]
+        decoder, rows = self._decoder, self._rows
+        offset, c = decoder.offset, tokens.shape[1]
+        args = (tokens, self._positions[rows, offset : offset + c], self._key_valid[rows])
+        if isinstance(decoder, LeanDecoder):  # never calls a module: no mode to switch
+            return decoder.forward(*args, logits_from=logits_from)
         with eval_without_sequence_parallel(self.teacher):
-            logits = forward_through_stages(
-                self.teacher,
-                tokens,
-                self._positions[rows, offset : offset + c],
-                mask,
-                self.groups,
-                inference_context=context,
-                runtime_gather_output=True,
-            )
-        context.increment_sequence_len_offset(c)
-        return logits
+            return decoder.forward(*args)
 
     def on_chunk(self, chunk: GenerationChunk) -> torch.Tensor:
         """Score the chunk, update the stopper; ``[r]`` bool rows to stop."""
@@ -150,7 +146,13 @@ class ChunkScorer:
                 " pass the same ChunkScorer to every generate call from its start"
             )
         tokens = chunk.tokens.to(device)
-        logits = self._forward(tokens)
+        if self._prompt is not None:  # first chunk of a lean block: prompt + chunk at once
+            p = self._prompt.shape[1]
+            logits = self._forward(torch.cat([self._prompt, tokens], dim=1), logits_from=p - 1)
+            self._prompt, self._pending = None, logits[:, :1]
+            logits = logits[:, 1:]
+        else:
+            logits = self._forward(tokens)
         stop = torch.zeros(tokens.shape[0], dtype=torch.long, device=device)
         if groups.is_last_stage:
             predictions = torch.cat([self._pending, logits[:, :-1]], dim=1).float()
@@ -163,8 +165,7 @@ class ChunkScorer:
         self.stopped_early[chunk.sample_index.to(device)[stop & ~finished]] = True
         keep = ~(stop | finished)
         if not bool(keep.all()):
-            for layer, (k, v) in self._context.key_value_memory_dict.items():
-                self._context.key_value_memory_dict[layer] = (k[:, keep], v[:, keep])
+            self._decoder.keep_rows(keep)
             self._rows = self._rows[keep]
             if self._pending is not None:
                 self._pending = self._pending[keep]
@@ -175,7 +176,7 @@ class ChunkScorer:
         groups, config = self.groups, self.config
         start, end = groups.vocab_partition(predictions.shape[-1])
         with naming_the_model("teacher", "scoring a rollout chunk"):
-            teacher_log_probs, teacher_ids, _ = vocab_parallel_topk_log_probs(
+            teacher_log_probs, teacher_ids, teacher_lse = vocab_parallel_topk_log_probs(
                 predictions[..., start:end],
                 self.student_top_k,
                 groups.tp_group,
@@ -195,10 +196,12 @@ class ChunkScorer:
         if chunk.student_topk_ids is not None:
             ids = torch.cat([chunk.tokens.to(predictions.device)[..., None],
                              chunk.student_topk_ids], dim=-1)  # fmt: skip
-            at_ids = vocab_parallel_log_probs(
+            # log-probs at the ids = scaled logits there - the top-K op's log-sum-exp
+            # (no second pass over the vocabulary).
+            at_ids = vocab_parallel_gather(
                 predictions[..., start:end], ids, groups.tp_group,
                 vocab_size=self.vocab_size, temperature=self.teacher_temperature,
-            )  # fmt: skip
+            ) - teacher_lse[..., None]  # fmt: skip
             scores = {
                 "teacher_topk_ids": teacher_ids,
                 "teacher_topk_log_probs": teacher_log_probs,
@@ -209,8 +212,8 @@ class ChunkScorer:
             self._records.append((chunk.sample_index, chunk.start, chunk.lengths, scores))
         result = self.stopper.update(bad, valid, sample_index=chunk.sample_index)
         if overlap is not None:
-            for row, sample in enumerate(chunk.sample_index.tolist()):
-                self._overlap.setdefault(sample, []).append(overlap[row, : int(chunk.lengths[row])])
+            self._overlap.append((chunk.sample_index, chunk.start, chunk.lengths,
+                                  {"overlap_ratio": overlap}))  # fmt: skip
         if not config.online_stop:
             return torch.zeros_like(result.should_stop)
         return result.should_stop
@@ -233,22 +236,7 @@ class ChunkScorer:
                 "ChunkScorer.fill_scores: no teacher scores were kept (the engine recorded no "
                 "student top-K ids); score the batch with score_rollouts and a teacher"
             )
-        b, s = batch.tokens.shape
-        device = batch.tokens.device
-        prompt = batch.prompt_lengths.to(device)
-        out: dict[str, torch.Tensor] = {}
-        for sample_index, start, lengths, scores in self._records:
-            rows = sample_index.to(device)
-            c = next(iter(scores.values())).shape[1]
-            offsets = torch.arange(c, device=device)
-            keep = offsets[None, :] < lengths.to(device)[:, None]  # [r, c]
-            cols = (prompt[rows][:, None] + start + offsets[None, :])[keep]
-            at_rows = rows[:, None].expand(-1, c)[keep]
-            for name, value in scores.items():
-                if name not in out:
-                    out[name] = torch.zeros(b, s, *value.shape[2:], dtype=value.dtype,
-                                            device=device)  # fmt: skip
-                out[name][at_rows, cols] = value.to(device)[keep]
+        out = _at_batch_columns(self._records, batch)
         for name, value in out.items():
             setattr(batch, name, value)
         batch.extras["teacher_scored"] = True
@@ -260,19 +248,40 @@ class ChunkScorer:
         if not self.groups.is_last_stage:
             return batch
         weights = self.result()
-        b, s = batch.tokens.shape
         device = batch.tokens.device
-        full_w = torch.zeros(b, s, dtype=torch.float32, device=device)
+        # Response coordinates -> the batch's columns, all rows at once.
+        lengths = batch.response_lengths.to(device)
+        offsets = torch.arange(weights.weights.shape[1], device=device)
+        valid = offsets[None, :] < lengths[:, None]  # [b, r]
+        rows = torch.arange(batch.batch_size, device=device)[:, None].expand_as(valid)[valid]
+        cols = (batch.prompt_lengths.to(device)[:, None] + offsets[None, :])[valid]
+        full_w = torch.zeros(batch.tokens.shape, dtype=torch.float32, device=device)
         full_lw = torch.zeros_like(full_w)
-        full_overlap = torch.zeros_like(full_w)
-        for i in range(b):
-            start, n = int(batch.prompt_lengths[i]), int(batch.response_lengths[i])
-            full_w[i, start : start + n] = weights.weights[i, :n].to(device)
-            full_lw[i, start : start + n] = weights.loss_weights[i, :n].to(device)
-            if i in self._overlap:
-                full_overlap[i, start : start + n] = torch.cat(self._overlap[i])[:n].to(device)
+        full_w[rows, cols] = weights.weights.to(device)[valid]
+        full_lw[rows, cols] = weights.loss_weights.to(device)[valid]
         batch.weights, batch.loss_weights = full_w, full_lw
         batch.effective_lengths = weights.effective_length.to(device)
         if self._overlap:
-            batch.overlap_ratio = full_overlap
+            batch.overlap_ratio = _at_batch_columns(self._overlap, batch)["overlap_ratio"]
         return batch
+
+
+def _at_batch_columns(records, batch: RolloutBatch) -> dict[str, torch.Tensor]:
+    """Chunk records ``(sample_index [r], start, lengths [r], {name: [r, c, ...]})`` placed
+    at their rows' response columns of ``batch`` (``[b, s, ...]`` each, 0 elsewhere)."""
+    b, s = batch.tokens.shape
+    device = batch.tokens.device
+    prompt = batch.prompt_lengths.to(device)
+    out: dict[str, torch.Tensor] = {}
+    for sample_index, start, lengths, values in records:
+        rows = sample_index.to(device)
+        c = next(iter(values.values())).shape[1]
+        offsets = torch.arange(c, device=device)
+        keep = offsets[None, :] < lengths.to(device)[:, None]  # [r, c]
+        cols = (prompt[rows][:, None] + start + offsets[None, :])[keep]
+        at_rows = rows[:, None].expand(-1, c)[keep]
+        for name, value in values.items():
+            if name not in out:
+                out[name] = torch.zeros(b, s, *value.shape[2:], dtype=value.dtype, device=device)
+            out[name][at_rows, cols] = value.to(device)[keep]
+    return out

@@ -169,3 +169,15 @@ def right_padded_batch(
         sampled_log_probs=sampled,
         prompt_index=prompt_index.to(device),
     )
+
+
+def at_response_columns(batch: RolloutBatch, per_row: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[b, s, ...]``: each row's ``[r_i, ...]`` values at its response columns of
+    ``batch`` (right-padded layout), 0 elsewhere."""
+    first = per_row[0]
+    out = torch.zeros(*batch.tokens.shape, *first.shape[1:], dtype=first.dtype,
+                      device=batch.tokens.device)  # fmt: skip
+    for i, values in enumerate(per_row):
+        start = int(batch.prompt_lengths[i])
+        out[i, start : start + values.shape[0]] = values.to(out.device)
+    return out

@@ -1,9 +1,13 @@
 """Megatron-native rollouts: KV-cached batched sampling with the student's own GPTModel.
 
-Each generation micro-batch runs one prefill and then one decode step per new token,
-calling ``GPTModel.forward`` with a Megatron ``StaticInferenceContext`` that holds the
-keys and values of every layer (``[max_seq, rows, groups, head_dim]``), so a decode step
-feeds only the newest token of each running row and never recomputes the prefix.
+Each generation micro-batch runs one prefill and then one decode step per new token
+through a KV-cached decoder (:mod:`megatron_opd.rollout.kv_decoder`) that holds the keys
+and values of every layer, so a decode step feeds only the newest token of each running
+row and never recomputes the prefix. Where the model allows it (``rollout.lean_decode``,
+one pipeline stage, the local layer spec) that is the lean plain-torch forward over the
+student's own parameter tensors (:mod:`megatron_opd.rollout.lean_decoder`, tested equal
+to Megatron's training forward); otherwise ``GPTModel.forward`` with a Megatron
+``StaticInferenceContext``.
 
 Ragged prompts are LEFT-padded to the longest prompt ``p`` so that all rows decode in
 lockstep at the same cache offset. Each row gets ``position_ids = column - pad`` (its
@@ -45,16 +49,17 @@ import torch.distributed as dist
 
 from megatron_opd.config.rollout import RolloutConfig
 from megatron_opd.distributed import ParallelGroups
-from megatron_opd.ops.vocab_parallel import vocab_parallel_topk
 from megatron_opd.rollout.batch import RolloutBatch
 from megatron_opd.rollout.engine import (
     ChunkListener,
     GenerationChunk,
     PromptBlock,
+    at_response_columns,
     right_padded_batch,
 )
-from megatron_opd.rollout.sampling import mask_vocab_padding, sample_next_tokens
-from megatron_opd.scoring import eval_without_sequence_parallel, forward_through_stages
+from megatron_opd.rollout.kv_decoder import make_kv_decoder
+from megatron_opd.rollout.sampling import sample_step
+from megatron_opd.scoring import eval_without_sequence_parallel
 
 
 class MegatronRolloutEngine:
@@ -93,6 +98,9 @@ class MegatronRolloutEngine:
         self.vocab_size = vocab_size
         self.device = groups.platform.device
 
+    records_student_scores = True
+    """:meth:`generate` can record the scoring pass's student fields (``student_top_k``)."""
+
     def sync_weights(self) -> None:
         """Nothing to do: the engine samples from the training model itself."""
 
@@ -103,16 +111,30 @@ class MegatronRolloutEngine:
         max_new_tokens: int,
         seed: int,
         chunk_listener: ChunkListener | None = None,
+        student_top_k: int = 0,
     ) -> RolloutBatch:
-        """Sample ``n_samples_per_prompt`` responses per prompt (see RolloutEngine)."""
+        """Sample ``n_samples_per_prompt`` responses per prompt (see RolloutEngine).
+
+        ``student_top_k = K > 0``: also fill the batch's ``student_topk_ids``,
+        ``student_topk_log_probs`` and ``student_sampled_log_probs`` (last stage) from the
+        logits each token was sampled from, at the sampling temperature: what a no-grad
+        student scoring pass would compute (the same exact top-K op; every id, in id
+        order, when K is the vocabulary), so scoring can skip that forward.
+        """
         num_new = self._check_call(prompts, max_new_tokens, chunk_listener)
+        listener_k = int(chunk_listener.student_top_k) if chunk_listener is not None else 0
+        if student_top_k and listener_k and student_top_k != listener_k:
+            raise ValueError(
+                f"student_top_k={student_top_k} differs from the chunk listener's "
+                f"student_top_k={listener_k}; both are prune.top_k"
+            )
         n = self.config.n_samples_per_prompt
         rows = [list(map(int, p)) for p in prompts for _ in range(n)]
         prompt_index = torch.arange(len(prompts)).repeat_interleave(n)
         mb = self.config.generation_batch_size or len(rows)
         generator = torch.Generator(device=self.device).manual_seed(int(seed))
 
-        responses, log_probs = [], []
+        responses, log_probs, topk_ids, topk_log_probs = [], [], [], []
         with eval_without_sequence_parallel(self.model):
             for begin in range(0, len(rows), mb):
                 out = self._generate_block(
@@ -122,12 +144,20 @@ class MegatronRolloutEngine:
                     num_new=num_new,
                     generator=generator,
                     listener=chunk_listener,
+                    record_k=int(student_top_k),
                 )
                 responses.extend(out[0])
                 log_probs.extend(out[1])
-        return right_padded_batch(
+                topk_ids.extend(out[2])
+                topk_log_probs.extend(out[3])
+        batch = right_padded_batch(
             rows, responses, log_probs, prompt_index, pad_id=self.pad_id, device=self.device
         )
+        if student_top_k and self.groups.is_last_stage:
+            batch.student_topk_ids = at_response_columns(batch, topk_ids)
+            batch.student_topk_log_probs = at_response_columns(batch, topk_log_probs)
+            batch.student_sampled_log_probs = batch.sampled_log_probs.clone()
+        return batch
 
     def _check_call(self, prompts, max_new_tokens: int, listener) -> int:
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -161,10 +191,10 @@ class MegatronRolloutEngine:
         num_new: int,
         generator: torch.Generator,
         listener: ChunkListener | None,
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-        """Generate one micro-batch; per row its response ids and (last stage) log-probs."""
-        from megatron.core.inference.contexts import StaticInferenceContext
-
+        record_k: int = 0,
+    ) -> tuple[list[torch.Tensor], ...]:
+        """Generate one micro-batch; per row its response ids, and (last stage; else None)
+        its log-probs, student top-K ids and their log-probs (``record_k``; else None)."""
         groups, dev, cfg = self.groups, self.device, self.config
         last_stage = groups.is_last_stage
         m = len(prompts)
@@ -183,6 +213,7 @@ class MegatronRolloutEngine:
 
         chunk_size = cfg.chunk_size if listener is not None else 0
         top_k = int(listener.student_top_k) if listener is not None else 0
+        top_k = top_k or record_k
         if listener is not None:
             listener.start(
                 PromptBlock(
@@ -201,50 +232,35 @@ class MegatronRolloutEngine:
             if last_stage and top_k
             else None
         )
+        out_topk_lp = (
+            torch.zeros(m, num_new, top_k, device=dev) if last_stage and record_k else None
+        )
         response_lengths = torch.zeros(m, dtype=torch.long, device=dev)
         running = torch.arange(m, device=dev)  # rows still in the KV cache, in cache order
         chunk_rows, chunk_start = running, 0
         done = torch.zeros(m, dtype=torch.bool, device=dev)
 
-        context = StaticInferenceContext(m, total)
-        causal = torch.ones(p, p, dtype=torch.bool, device=dev).triu(1)  # True = masked
+        decoder = make_kv_decoder(self.model, groups, rows=m, max_len=total, lean=cfg.lean_decode)
         next_ids = None
         for step in range(num_new):
+            offset = decoder.offset
             if step == 0:
-                mask = causal[None, None] | ~key_valid[:, None, None, :p] if padded else None
-                if mask is None:
-                    mask = causal[None, None]
                 inputs, pos = tokens, positions[:, :p]
             else:
-                offset = context.sequence_len_offset
-                mask = ~key_valid[running, None, None, : offset + 1] if padded else None
                 inputs, pos = next_ids[:, None], positions[running, offset : offset + 1]
-            logits = forward_through_stages(
-                self.model,
-                inputs,
-                pos,
-                mask,
-                groups,
-                inference_context=context,
-                runtime_gather_output=True,
-            )
-            context.increment_sequence_len_offset(inputs.shape[1])
-            if step == 0:
-                context.enable_decode_mode()
+            valid = key_valid[running] if padded else None
+            logits = decoder.forward(inputs, pos, valid, last_only=True)
 
             if last_stage:
-                raw = mask_vocab_padding(logits[:, -1].float(), self.vocab_size)  # [a, V]
-                next_ids = sample_next_tokens(
-                    raw, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator
-                )
-                scaled = raw / cfg.temperature if cfg.temperature > 0 else raw
-                log_softmax = scaled.log_softmax(dim=-1)
-                out_log_probs[running, step] = log_softmax.gather(1, next_ids[:, None])[:, 0]
+                next_ids, log_probs, ids, topk_log_probs = sample_step(
+                    logits[:, -1], temperature=cfg.temperature, top_p=cfg.top_p,
+                    generator=generator, vocab_size=self.vocab_size, top_k=top_k,
+                )  # fmt: skip
+                out_log_probs[running, step] = log_probs
                 if out_topk is not None:
-                    # The ops' exact top-K (ties to the lower id) matches scoring's choice.
-                    out_topk[running, step] = vocab_parallel_topk(
-                        logits[:, -1].float(), top_k, None, vocab_size=self.vocab_size
-                    )[1]
+                    out_topk[running, step] = ids
+                if out_topk_lp is not None:
+                    out_topk_lp[running, step] = topk_log_probs
             else:
                 next_ids = torch.empty(running.numel(), dtype=torch.long, device=dev)
             if groups.pp_size > 1:
@@ -261,23 +277,24 @@ class MegatronRolloutEngine:
                     listener, chunk_rows, chunk_start, step + 1, out_tokens, response_lengths,
                     done, out_topk, sample_index,
                 )  # fmt: skip
-                stopped_rows = set(chunk_rows[stop].tolist())
-                keep &= torch.tensor(
-                    [r not in stopped_rows for r in running.tolist()], device=dev, dtype=torch.bool
-                )
+                keep &= ~torch.isin(running, chunk_rows[stop])
                 chunk_start = step + 1
                 chunk_rows = running[keep]
             if not bool(keep.any()):
                 break
             if not bool(keep.all()):
-                for layer, (k, v) in context.key_value_memory_dict.items():
-                    context.key_value_memory_dict[layer] = (k[:, keep], v[:, keep])
+                decoder.keep_rows(keep)
                 running, next_ids = running[keep], next_ids[keep]
 
         responses = [out_tokens[i, : response_lengths[i]] for i in range(m)]
-        if out_log_probs is None:
-            return responses, [None] * m
-        return responses, [out_log_probs[i, : response_lengths[i]] for i in range(m)]
+
+        def per_row(values):
+            if values is None:
+                return [None] * m
+            return [values[i, : response_lengths[i]] for i in range(m)]
+
+        return (responses, per_row(out_log_probs), per_row(out_topk if record_k else None),
+                per_row(out_topk_lp))  # fmt: skip
 
     def _call_listener(
         self,

@@ -192,6 +192,7 @@ def build_components(
             config.prune,
             vocab_size=student_info.vocab_size,
             teacher_temperature=config.loss.teacher_temperature,
+            lean_decode=config.rollout.lean_decode,
         )
 
     return RunComponents(

@@ -363,10 +363,17 @@ class Trainer:
         )
         max_new = self.response_budget()
         seed = rollout_seed(cfg.rollout, step=self.step, dp_rank=groups.dp_rank)
+        # With one update per step the loss never reads the student's scoring-pass
+        # log-probs at the teacher's ids: every student field scoring would compute comes
+        # from the logits the rollout sampled from, and scoring skips the student forward.
+        student_from_rollout = self.updates_per_step == 1 and getattr(
+            self.c.engine, "records_student_scores", False
+        )
+        extra = {"student_top_k": cfg.prune.top_k} if student_from_rollout else {}
         with _timed(timers, "rollout"):
             listener = self.c.make_chunk_listener() if cfg.rollout.chunk_size else None
             batch = self.c.engine.generate(
-                prompts, max_new_tokens=max_new, seed=seed, chunk_listener=listener
+                prompts, max_new_tokens=max_new, seed=seed, chunk_listener=listener, **extra
             )
             batch.answers = [answers[i] for i in batch.prompt_index.tolist()]
             if listener is not None:
@@ -379,7 +386,7 @@ class Trainer:
                 self.c.teacher_onload()
             score_rollouts(
                 batch,
-                student=self.student[0].module,
+                student=None if student_from_rollout else self.student[0].module,
                 teacher=None if listener is not None else self.c.teacher_chunks[0],
                 groups=groups,
                 top_k=cfg.prune.top_k,
@@ -387,6 +394,7 @@ class Trainer:
                 vocab_size=self.c.vocab_size,
                 student_temperature=self.student_temperature,
                 teacher_temperature=cfg.loss.teacher_temperature,
+                lean_forward=cfg.rollout.lean_decode,
             )
             self.c.teacher_offload()  # done with the teacher until the next rollout
         return batch
@@ -407,6 +415,7 @@ class Trainer:
             teacher_topk_ids=batch.teacher_topk_ids,
             sampled_ids=batch.tokens.to(valid.device),
             teacher_topk_log_probs=batch.teacher_topk_log_probs,
+            overlap=batch.overlap_ratio,  # scoring's: not computed twice
         )
         if cfg.prune.enable:
             result = reliability_weights(bad, valid, rule=cfg.prune.weight_rule())
