@@ -48,8 +48,8 @@ from megatron_opd.demo.arms import ARMS
 
 QUICK = {"steps": 2, "eval_every": 2, "eval_problems": 16, "max_new_tokens": 48,
          "sweep_steps": 2, "prompts_per_step": 4}  # fmt: skip
-FULL = {"steps": 60, "eval_every": 10, "eval_problems": 600, "max_new_tokens": 320,
-        "sweep_steps": 30, "prompts_per_step": 16}  # fmt: skip
+FULL = {"steps": 100, "eval_every": 10, "eval_problems": 600, "max_new_tokens": 320,
+        "sweep_steps": 40, "prompts_per_step": 16}  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
