@@ -543,8 +543,8 @@ def test_truncate_mode_stops_and_cuts_with_w_base(runs, layout):
                 assert stop[i] >= 0 and lengths[i] % 3 == 0
                 assert (full[i, stop[i] + 1 :] == 0).all() and full[i, stop[i]] >= 0.5
                 assert stop[i] - prompt[i] >= lengths[i] - 3
-        # Released keeps every sample's full length; truncate is never longer.
-        assert all(t <= r for t, r in zip(lengths, res["released_lengths"]))
+        # Released keeps every sample's full length; truncate generates fewer tokens. (Not
+        # per sample: once a row leaves the batch, the rows after it draw other uniforms.)
         assert sum(lengths) < sum(res["released_lengths"])
 
 

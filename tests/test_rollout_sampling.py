@@ -70,3 +70,42 @@ def test_rollout_seed_differs_across_steps_and_data_parallel_ranks():
     config = RolloutConfig()
     seeds = {rollout_seed(config, step=s, dp_rank=r) for s in range(50) for r in range(8)}
     assert len(seeds) == 400
+
+
+def test_draw_follows_softmax_through_head_and_tail():
+    """The head-first inverse-CDF draw against the exact softmax: 40 ids (so 24 lie past
+    the 16-id head) with ~45 % of the mass in that tail, and padding columns at -inf."""
+    from megatron_opd.rollout.sampling import HEAD, sample_step
+
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(40, generator=generator) * 0.7
+    logits = torch.cat([base, torch.full((8,), float("-inf"))])[None].expand(40000, 48)
+    expected = base.softmax(-1)
+    assert expected.topk(HEAD).values.sum() < 0.7  # the tail path really runs
+    ids = sample_next_tokens(logits, temperature=1.0, top_p=1.0, generator=generator)
+    freq = torch.bincount(ids, minlength=48).float() / ids.numel()
+    assert freq[40:].sum() == 0
+    torch.testing.assert_close(freq[:40], expected, atol=0.006, rtol=0)
+    # sample_step draws the same ids from the same generator state, whatever top-K it
+    # records (the head is always the 16 most likely).
+    rows = torch.randn(64, 48, generator=generator) * 2
+    rows[:, 40:] = float("-inf")
+    reference = sample_next_tokens(rows, temperature=1.3, top_p=1.0,
+                                   generator=torch.Generator().manual_seed(5))  # fmt: skip
+    for k in (0, 4, 16, 32, 40):
+        ids, lp, _, _ = sample_step(rows, temperature=1.3, top_p=1.0, vocab_size=40, top_k=k,
+                                    generator=torch.Generator().manual_seed(5))  # fmt: skip
+        assert ids.tolist() == reference.tolist(), k
+        expected_lp = (rows[:, :40] / 1.3).log_softmax(-1).gather(1, ids[:, None])[:, 0]
+        torch.testing.assert_close(lp, expected_lp)
+
+
+def test_draw_never_picks_a_zero_probability_id_at_the_edges():
+    from megatron_opd.rollout.sampling import draw
+
+    # All the mass on one id of the head, or on one id of the tail: u near 1 cannot spill
+    # onto a 0-probability id.
+    for hot in (3, 30):
+        scores = torch.full((5000, 40), float("-inf"))
+        scores[:, hot] = 0.0
+        assert (draw(scores, torch.Generator().manual_seed(1)) == hot).all()

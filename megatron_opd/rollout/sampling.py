@@ -52,23 +52,66 @@ def sample_next_tokens(
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     scaled = logits / temperature if temperature != 1.0 else logits
-    return _gumbel_argmax(top_p_filter(scaled, top_p), generator, logits.shape[-1])
+    return draw(top_p_filter(scaled, top_p), generator)
 
 
-def _gumbel_argmax(scores: torch.Tensor, generator, width: int) -> torch.Tensor:
-    """``[a]`` ids drawn from ``softmax(scores [a, v])``.
+HEAD = 16
+"""Ids a draw looks at first: the :data:`HEAD` most likely (see :func:`draw`)."""
 
-    Gumbel-max ("exponential race"): argmax(score - log E) with E = -log U ~ Exp(1) draws
-    id j with probability softmax(scores)_j, like torch.multinomial, at a fraction of its
-    CPU cost per decode step (torch.rand is vectorised; multinomial and exponential_ are
-    not). U in [0, 1): E > 0, and U = 0 gives E = inf, a loss. The uniforms are drawn for
-    ``width >= v`` columns (the padded vocabulary) so the draws do not depend on how many
-    padding columns a caller cut off.
+
+def draw(
+    scores: torch.Tensor,
+    generator: torch.Generator | None,
+    *,
+    lse: torch.Tensor | None = None,
+    head: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``[a]`` ids drawn from ``softmax(scores [a, v])``, one uniform per row.
+
+    Inverse-CDF sampling over the ids ordered "the :data:`HEAD` most likely first (value
+    descending, lower id first), then the rest in id order": exact for any order, and
+    with this one the uniform ``u`` usually lands in the head, whose probabilities come
+    from the top-K and the log-sum-exp that a decode step computes anyway. Only the rows
+    whose ``u`` falls past the head's mass (for a peaked policy, few) pay one more exp
+    and cumsum over their vocabulary. Per decode step at V = 151,936 this is about the
+    floor (one top-K plus one log-sum-exp), where Gumbel-max (V uniforms, two logs) cost
+    ~4x it (``bench/rollout_bench.py``). Draws do not depend on padding columns at -inf.
+
+    Args:
+        scores: ``[a, v]`` float logits (temperature applied; -inf ids are never drawn).
+        generator: the replica's generator (tensor-parallel ranks seeded alike draw alike).
+        lse: ``[a, 1]`` ``logsumexp(scores)`` when the caller has it.
+        head: ``([a, h], [a, h])`` values and ids of the exact top-``h`` of ``scores``
+            (:func:`~megatron_opd.ops.topk_select.exact_topk` order), ``h >= HEAD`` or
+            the whole row, when the caller has it; only the first :data:`HEAD` are used.
     """
-    uniform = torch.rand(
-        scores.shape[0], width, generator=generator, dtype=scores.dtype, device=scores.device
-    )[:, : scores.shape[-1]]
-    return (scores - uniform.log_().neg_().log_()).argmax(dim=-1)
+    from megatron_opd.ops.topk_select import exact_topk
+
+    rows, width = scores.shape
+    h = min(HEAD, width)
+    if head is None:
+        head = exact_topk(scores, h)
+    values, ids = head[0][:, :h], head[1][:, :h]
+    if lse is None:
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    u = torch.rand(rows, 1, generator=generator, dtype=scores.dtype, device=scores.device)
+    head_cdf = (values - lse).exp().cumsum(dim=-1)
+    mass = head_cdf[:, -1:]
+    # right=True: the first id whose cumulative probability exceeds u (never a 0-prob id).
+    pick = torch.searchsorted(head_cdf, torch.minimum(u, mass * (1 - 1e-6)), right=True)
+    out = ids.gather(1, pick.clamp(max=h - 1))[:, 0]
+    tail = (u[:, 0] >= mass[:, 0]).nonzero()[:, 0]
+    if h < width and tail.numel():
+        probs = (scores.index_select(0, tail) - lse.index_select(0, tail)).exp_()
+        probs.scatter_(1, ids.index_select(0, tail), 0.0)
+        tail_cdf = probs.cumsum_(dim=-1)
+        rest = (u.index_select(0, tail) - mass.index_select(0, tail)).clamp(min=0)
+        total = tail_cdf[:, -1:]
+        picked = torch.searchsorted(tail_cdf, torch.minimum(rest, total * (1 - 1e-6)), right=True)
+        # A tail with no mass left (u past the head only by rounding) keeps the head's pick.
+        has_mass = total[:, 0] > 0
+        out[tail[has_mass]] = picked[has_mass, 0].clamp(max=width - 1)
+    return out
 
 
 def sample_step(
@@ -96,16 +139,20 @@ def sample_step(
     real = min(vocab_size or width, width)
     x = logits[:, :real].float()
     scaled = x / temperature if temperature not in (0.0, 1.0) else x
+    lse = torch.logsumexp(scaled, dim=-1, keepdim=True)
+    values = topk_ids = None
+    if 0 < top_k < real:
+        values, topk_ids = exact_topk(scaled, min(max(top_k, HEAD), real))
     if temperature == 0.0:
         ids = x.argmax(dim=-1)
+    elif top_p < 1.0:
+        ids = draw(top_p_filter(scaled, top_p), generator)
     else:
-        ids = _gumbel_argmax(top_p_filter(scaled, top_p), generator, width)
-    lse = torch.logsumexp(scaled, dim=-1, keepdim=True)
+        ids = draw(scaled, generator, lse=lse, head=None if values is None else (values, topk_ids))
     log_probs = scaled.gather(1, ids[:, None])[:, 0] - lse[:, 0]
     if not top_k:
         return ids, log_probs, None, None
     if top_k >= real:
         topk_ids = torch.arange(top_k, device=x.device).expand(x.shape[0], top_k)
         return ids, log_probs, topk_ids, scaled - lse
-    values, topk_ids = exact_topk(scaled, top_k)
-    return ids, log_probs, topk_ids, values - lse
+    return ids, log_probs, topk_ids[:, :top_k], values[:, :top_k] - lse
