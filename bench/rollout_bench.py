@@ -165,7 +165,8 @@ def main() -> None:
                          (args.floor_vocab, "zipf")):  # fmt: skip
         t = _vocab_step_floor(args.batch, vocab, args.floor_k, args.floor_calls, shape)
         print(
-            f"  B={args.batch} V={vocab:,} K={args.floor_k} {shape:4s} logits: ours {t['ours'] * 1e3:.3f} ms | floor "
+            f"  B={args.batch} V={vocab:,} K={args.floor_k} {shape:4s} logits: "
+            f"ours {t['ours'] * 1e3:.3f} ms | floor "
             f"(topk + logsumexp) {t['floor'] * 1e3:.3f} ms -> {t['ours'] / t['floor']:.2f}x | "
             f"floor + multinomial draw {t['floor+draw'] * 1e3:.3f} ms -> "
             f"{t['ours'] / t['floor+draw']:.2f}x"
