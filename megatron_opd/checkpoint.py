@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd.distributed import ParallelGroups
+from megatron_opd.mcore_compat import check_checkpoint_readable, checkpoint_layout
 
 _STEP_PREFIX = "step_"
 _COMPLETE = "COMPLETE"
@@ -307,10 +308,14 @@ def verify_checkpoint_files(checkpoint_dir: str | Path) -> dict[str, Any]:
         json.loads((model_optim / "metadata.json").read_text())
     except (OSError, ValueError) as err:
         raise _damaged(checkpoint_dir, "model_optim/metadata.json", err) from None
-    try:
-        torch.load(model_optim / "common.pt", weights_only=True)
-    except Exception as err:  # noqa: BLE001
-        raise _damaged(checkpoint_dir, "model_optim/common.pt", err) from None
+    # 0.16-0.18 write the common state to common.pt; 0.19 embeds it in the .distcp files
+    # (megatron_opd/mcore_compat.py). An older Megatron-Core cannot read the latter.
+    check_checkpoint_readable(model_optim)
+    if checkpoint_layout(model_optim) == "common.pt":
+        try:
+            torch.load(model_optim / "common.pt", weights_only=True)
+        except Exception as err:  # noqa: BLE001
+            raise _damaged(checkpoint_dir, "model_optim/common.pt", err) from None
     try:
         index = FileSystemReader(str(model_optim)).read_metadata()
     except Exception as err:  # noqa: BLE001 - unpickling a cut file raises anything
@@ -371,6 +376,7 @@ def load_checkpoint(
             )
     rng_file = checkpoint_dir / "rng" / f"rank_{groups.rank:05d}.pt"
     rng_state = _read_rng_file(checkpoint_dir, rng_file) if rng_file.is_file() else None
+    check_checkpoint_readable(checkpoint_dir / "model_optim")
     state = _sharded_state_dict(model_chunks, optimizer, is_loading=True)
     try:
         loaded = dist_checkpointing.load(state, str(checkpoint_dir / "model_optim"))

@@ -287,6 +287,22 @@ def test_a_damaged_checkpoint_names_the_previous_complete_one(stopped_run, tmp_p
     assert f"checkpoint.load_dir={previous}" in message
 
 
+def test_a_checkpoint_in_megatron_core_0_19_layout(stopped_run, tmp_path, monkeypatch):
+    """0.19 keeps the common state inside the .distcp files (no common.pt): the resume
+    check accepts that layout under 0.19 and refuses it, saying why, under 0.16-0.18."""
+    from megatron_opd import mcore_compat
+    from megatron_opd.checkpoint import verify_checkpoint_files
+    from megatron_opd.training.preflight import preflight_training
+
+    overrides, newest, _ = _copy_of_checkpoints(stopped_run, tmp_path)
+    (newest / "model_optim" / "common.pt").unlink()
+    monkeypatch.setattr(mcore_compat, "megatron_core_version", lambda: (0, 19))
+    assert verify_checkpoint_files(newest)["step"] >= 1
+    monkeypatch.setattr(mcore_compat, "megatron_core_version", lambda: (0, 16))
+    with pytest.raises(ValueError, match=r"written by megatron-core >= 0.19.*cannot read"):
+        preflight_training(_config(overrides), world_size=1)
+
+
 def test_the_cli_reports_a_truncated_shard_in_one_line_before_any_process_group(
     stopped_run, tmp_path
 ):
