@@ -19,7 +19,9 @@ status 75 so the job can be requeued (:mod:`megatron_opd.training.preemption`).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from typing import NoReturn
 
 
@@ -30,13 +32,27 @@ def _parse_train_args(argv: list[str], prog: str) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+ERROR_GRACE_ENV = "MEGATRON_OPD_ERROR_GRACE_S"
+"""Seconds a failing rank other than 0 waits before it prints its error (default 15)."""
+
+
 def _exit_once(line: str, status: int = 2) -> NoReturn:
-    """Print ``line`` on the launch's rank 0 only (every rank hits the same mistake),
-    then exit with ``status`` on every rank."""
+    """Print ``line`` once, then exit with ``status``.
+
+    Every rank runs the same checks on the same files, so rank 0 prints and exits at
+    once, and the launcher (srun ``--kill-on-bad-exit``, torchrun) ends the other ranks
+    before they say the same. A rank that fails where rank 0 passed (a path missing on
+    one node) would otherwise exit silently while rank 0 waits for it in the rendezvous:
+    it waits ``MEGATRON_OPD_ERROR_GRACE_S`` seconds (still alive only if rank 0 did not
+    fail), then prints the error with its rank.
+    """
     from megatron_opd.launch_env import launch_rank
 
-    if launch_rank() == 0:
-        print(line, file=sys.stderr, flush=True)
+    rank = launch_rank()
+    if rank != 0:
+        time.sleep(float(os.environ.get(ERROR_GRACE_ENV, "15")))
+        line = f"[rank {rank}] {line}"
+    print(line, file=sys.stderr, flush=True)
     sys.exit(status)
 
 
