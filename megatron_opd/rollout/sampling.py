@@ -58,9 +58,6 @@ def sample_next_tokens(
 HEAD = 16
 """Ids a draw looks at first: the :data:`HEAD` most likely (see :func:`draw`)."""
 
-ID_ORDER_MAX_WIDTH = 65536
-"""Up to this many columns a draw walks the ids in id order (see :func:`draw`)."""
-
 
 def draw(
     scores: torch.Tensor,
@@ -71,18 +68,14 @@ def draw(
 ) -> torch.Tensor:
     """``[a]`` ids drawn from ``softmax(scores [a, v])``, one uniform per row.
 
-    Inverse-CDF sampling, exact for any order of the ids. Up to
-    :data:`ID_ORDER_MAX_WIDTH` columns the order is the ids' own: one exp and one cumsum
-    over the row, a handful of kernels (per-call overhead dominates there, and a split
-    would cost more than it saves). Wider rows walk "the :data:`HEAD` most likely first
-    (value descending, lower id first), then the rest in id order": the uniform ``u``
-    usually lands in the head, whose probabilities come from the top-K and the
-    log-sum-exp that a decode step computes anyway, and only the rows whose ``u`` falls
-    past the head's mass pay one more exp and cumsum over their vocabulary. At V =
-    151,936 that is ~1.35-1.4x the floor (one top-K plus one log-sum-exp), where
-    Gumbel-max (V uniforms, two logs) cost ~4x it (``bench/rollout_bench.py``). Draws do
-    not depend on padding columns at -inf, as long as the path is the same: callers that
-    must draw alike pass widths on the same side of :data:`ID_ORDER_MAX_WIDTH`.
+    Inverse-CDF sampling over the ids ordered "the :data:`HEAD` most likely first (value
+    descending, lower id first), then the rest in id order": exact for any order, and
+    with this one the uniform ``u`` usually lands in the head, whose probabilities come
+    from the top-K and the log-sum-exp that a decode step computes anyway. Only the rows
+    whose ``u`` falls past the head's mass (for a peaked policy, few) pay one more exp
+    and cumsum over their vocabulary. Per decode step at V = 151,936 this is about the
+    floor (one top-K plus one log-sum-exp), where Gumbel-max (V uniforms, two logs) cost
+    ~4x it (``bench/rollout_bench.py``). Draws do not depend on padding columns at -inf.
 
     Args:
         scores: ``[a, v]`` float logits (temperature applied; -inf ids are never drawn).
@@ -95,21 +88,16 @@ def draw(
     from megatron_opd.ops.topk_select import exact_topk
 
     rows, width = scores.shape
-    if lse is None:
-        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    u = torch.rand(rows, 1, generator=generator, dtype=scores.dtype, device=scores.device)
-    if width <= ID_ORDER_MAX_WIDTH:
-        cdf = (scores - lse).exp_().cumsum_(dim=-1)
-        total = cdf[:, -1:]
-        # right=True: the first id whose cumulative probability exceeds u (never a 0-prob id).
-        pick = torch.searchsorted(cdf, torch.minimum(u * total, total * (1 - 1e-6)), right=True)
-        return pick[:, 0].clamp(max=width - 1)
     h = min(HEAD, width)
     if head is None:
         head = exact_topk(scores, h)
     values, ids = head[0][:, :h], head[1][:, :h]
+    if lse is None:
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    u = torch.rand(rows, 1, generator=generator, dtype=scores.dtype, device=scores.device)
     head_cdf = (values - lse).exp().cumsum(dim=-1)
     mass = head_cdf[:, -1:]
+    # right=True: the first id whose cumulative probability exceeds u (never a 0-prob id).
     pick = torch.searchsorted(head_cdf, torch.minimum(u, mass * (1 - 1e-6)), right=True)
     out = ids.gather(1, pick.clamp(max=h - 1))[:, 0]
     tail = (u[:, 0] >= mass[:, 0]).nonzero()[:, 0]
@@ -154,16 +142,13 @@ def sample_step(
     lse = torch.logsumexp(scaled, dim=-1, keepdim=True)
     values = topk_ids = None
     if 0 < top_k < real:
-        # A wide draw reuses the top-K as its head (at least HEAD ids).
-        k = top_k if real <= ID_ORDER_MAX_WIDTH else min(max(top_k, HEAD), real)
-        values, topk_ids = exact_topk(scaled, k)
+        values, topk_ids = exact_topk(scaled, min(max(top_k, HEAD), real))
     if temperature == 0.0:
         ids = x.argmax(dim=-1)
     elif top_p < 1.0:
         ids = draw(top_p_filter(scaled, top_p), generator)
     else:
-        wide = values is not None and values.shape[1] >= HEAD
-        ids = draw(scaled, generator, lse=lse, head=(values, topk_ids) if wide else None)
+        ids = draw(scaled, generator, lse=lse, head=None if values is None else (values, topk_ids))
     log_probs = scaled.gather(1, ids[:, None])[:, 0] - lse[:, 0]
     if not top_k:
         return ids, log_probs, None, None
