@@ -73,9 +73,10 @@ def draw(
     with this one the uniform ``u`` usually lands in the head, whose probabilities come
     from the top-K and the log-sum-exp that a decode step computes anyway. Only the rows
     whose ``u`` falls past the head's mass (for a peaked policy, few) pay one more exp
-    and cumsum over their vocabulary. Per decode step at V = 151,936 this is about the
-    floor (one top-K plus one log-sum-exp), where Gumbel-max (V uniforms, two logs) cost
-    ~4x it (``bench/rollout_bench.py``). Draws do not depend on padding columns at -inf.
+    and cumsum over their vocabulary. Per decode step at V = 151,936 this measured
+    1.35-1.7x the floor (one top-K plus one log-sum-exp), where Gumbel-max (V uniforms,
+    two logs) cost 3.6x it (``bench/rollout_bench.py``, docs/results.md). Draws do not
+    depend on padding columns at -inf.
 
     Args:
         scores: ``[a, v]`` float logits (temperature applied; -inf ids are never drawn).
