@@ -208,6 +208,22 @@ def _prune(save_dir: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def checkpoint_to_resume(checkpoint_config) -> Path | None:
+    """The complete checkpoint a run resumes from: ``load_dir`` (a step directory or a save
+    directory) or else the newest in ``save_dir``; None for a fresh start. ValueError when
+    ``load_dir`` is set but holds no complete checkpoint."""
+    source = checkpoint_config.load_dir or checkpoint_config.save_dir
+    if source is None:
+        return None
+    found = find_latest_checkpoint(source)
+    if found is None and checkpoint_config.load_dir is not None:
+        raise ValueError(
+            f"checkpoint.load_dir={checkpoint_config.load_dir} holds no complete checkpoint; "
+            "point it at a step_* directory or remove it to start fresh"
+        )
+    return found
+
+
 def find_latest_checkpoint(save_dir: str | Path) -> Path | None:
     """The newest complete checkpoint under ``save_dir`` (or ``save_dir`` itself if it is
     one), or None. Directories without COMPLETE are never returned."""

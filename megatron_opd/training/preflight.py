@@ -186,23 +186,15 @@ def check_resume(config: OPDConfig, student_info) -> Path | None:
     """The checkpoint a run will resume from, verified whole; None for a fresh start."""
     from megatron_opd.checkpoint import (
         check_steps_left,
-        find_latest_checkpoint,
+        checkpoint_to_resume,
         verify_checkpoint_files,
     )
 
     ckpt = config.checkpoint
-    source = ckpt.load_dir or ckpt.save_dir
-    if source is None:
-        return None
     if ckpt.load_dir is not None and not Path(ckpt.load_dir).is_dir():
         raise ValueError(f"checkpoint.load_dir={ckpt.load_dir} does not exist")
-    found = find_latest_checkpoint(source)
+    found = checkpoint_to_resume(ckpt)
     if found is None:
-        if ckpt.load_dir is not None:
-            raise ValueError(
-                f"checkpoint.load_dir={ckpt.load_dir} holds no complete checkpoint; "
-                "point it at a step_* directory or remove it to start fresh"
-            )
         return None
     state = verify_checkpoint_files(found)
     check_steps_left(state["step"], config.training.num_steps, found)
@@ -226,7 +218,7 @@ def check_resume(config: OPDConfig, student_info) -> Path | None:
 def preflight_training(config: OPDConfig, *, world_size: int) -> PreparedRun:
     """Run every check of ``megatron-opd train`` (see the module docstring); ValueError
     on the first failure, else what was read on the way."""
-    from megatron_opd.data.prompts import PromptLoader, load_prompt_dataset
+    from megatron_opd.data.prompts import prompt_loader_from_config
     from megatron_opd.data.tokenizer import load_tokenizer
     from megatron_opd.models.vocab import check_vocab_compatible
 
@@ -256,14 +248,7 @@ def preflight_training(config: OPDConfig, *, world_size: int) -> PreparedRun:
             f"tokens ({student.hf_dir}/config.json max_position_embeddings); lower one of them"
         )
     try:
-        prompts = load_prompt_dataset(
-            data.train_path,
-            tokenizer,
-            max_prompt_length=data.max_prompt_length,
-            prompt_key=data.prompt_key,
-            answer_key=data.answer_key,
-        )
-        PromptLoader(prompts, prompts_per_step=data.prompts_per_step, seed=data.seed)
+        prompts = prompt_loader_from_config(data, tokenizer).prompts
     except ValueError as err:
         raise ValueError(f"data.train_path: {err}") from None
     check_eval_sets(config.eval)

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from megatron_opd.checkpoint import (
     check_steps_left,
-    find_latest_checkpoint,
+    checkpoint_to_resume,
     load_checkpoint,
     save_checkpoint,
 )
@@ -155,17 +155,8 @@ class Trainer:
 
     def maybe_resume(self) -> None:
         """Resume from ``checkpoint.load_dir`` (or the newest complete one in save_dir)."""
-        ckpt = self.config.checkpoint
-        source = ckpt.load_dir or ckpt.save_dir
-        if source is None:
-            return
-        found = find_latest_checkpoint(source)
+        found = checkpoint_to_resume(self.config.checkpoint)
         if found is None:
-            if ckpt.load_dir is not None:
-                raise ValueError(
-                    f"checkpoint.load_dir={ckpt.load_dir} holds no complete checkpoint; "
-                    "point it at a step_* directory or remove it to start fresh"
-                )
             return
         state = load_checkpoint(
             found,
