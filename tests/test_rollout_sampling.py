@@ -109,3 +109,68 @@ def test_draw_never_picks_a_zero_probability_id_at_the_edges():
         scores = torch.full((5000, 40), float("-inf"))
         scores[:, hot] = 0.0
         assert (draw(scores, torch.Generator().manual_seed(1)) == hot).all()
+
+
+def _reference_draw(scores, u):
+    """Inverse CDF over "16 most likely first (value desc, id asc), then id order", one
+    full-row cumsum (an independent, slow reference of sampling.draw)."""
+    order = scores.sort(dim=-1, descending=True, stable=True).indices
+    head = order[:, :16]
+    is_head = torch.zeros_like(scores, dtype=torch.bool).scatter(1, head, True)
+    rest = torch.stack([torch.nonzero(~r)[:, 0] for r in is_head])
+    full_order = torch.cat([head, rest], dim=1)
+    probs = scores.log_softmax(-1).exp().gather(1, full_order)
+    cdf = probs.double().cumsum(-1)
+    pick = torch.searchsorted(cdf, u.double(), right=True).clamp(max=scores.shape[1] - 1)
+    return full_order.gather(1, pick)[:, 0]
+
+
+@pytest.mark.parametrize("width", [40, 500, 3000])
+def test_sample_step_draws_match_an_independent_inverse_cdf(width):
+    """The same uniforms through a plain full-row inverse CDF give the same ids (rows
+    longer than the tail block search their tail by blocks: at most a rare boundary
+    differs)."""
+    from megatron_opd.rollout.sampling import sample_step
+
+    generator = torch.Generator().manual_seed(width)
+    scores = torch.randn(400, width, generator=generator) * (0.7 if width < 100 else 2.0)
+    ids, lp, _, _ = sample_step(scores, temperature=1.0, top_p=1.0, vocab_size=None, top_k=8,
+                                generator=torch.Generator().manual_seed(3))  # fmt: skip
+    u = torch.rand(400, 1, generator=torch.Generator().manual_seed(3))
+    expected = _reference_draw(scores, u)
+    assert (ids != expected).sum() <= (0 if width <= 528 else 1)
+    torch.testing.assert_close(lp, scores.log_softmax(-1).gather(1, ids[:, None])[:, 0])
+    # Most rows really go past the 16-id head.
+    assert (scores.softmax(-1).topk(16).values.sum(-1) < u[:, 0]).float().mean() > 0.2
+
+
+def test_shifted_exp_is_torch_logsumexp_bit_for_bit():
+    from megatron_opd.rollout.sampling import shifted_exp
+
+    generator = torch.Generator().manual_seed(0)
+    for width, scale in ((7, 1.0), (600, 4.0), (70_000, 0.3)):
+        x = torch.randn(9, width, generator=generator) * scale
+        x[1] = float("-inf")  # a row with no mass
+        x[2, ::2] = float("-inf")
+        got = shifted_exp(x, x.amax(-1, keepdim=True))
+        assert torch.equal(got.lse, torch.logsumexp(x, -1, keepdim=True))
+        torch.testing.assert_close(got.exp / got.sums, x.softmax(-1), equal_nan=True)
+
+
+def test_tail_pick_block_search_equals_a_whole_row_scan():
+    from megatron_opd.rollout.sampling import TAIL_BLOCK, tail_pick
+
+    generator = torch.Generator().manual_seed(1)
+    for width in (5, TAIL_BLOCK, TAIL_BLOCK + 1, 3 * TAIL_BLOCK + 17):
+        probs = torch.rand(300, width, generator=generator) ** 4
+        probs[:, width // 3 :: 5] = 0.0  # zero-probability ids are never picked
+        total = probs.double().sum(-1, keepdim=True)
+        rest = (torch.rand(300, 1, generator=generator) * total).float()
+        rest[0] = 2 * total[0]  # past the total: the last id with mass
+        cdf = probs.cumsum(-1)
+        target = torch.minimum(rest, cdf[:, -1:] * (1 - 1e-6))
+        expected = torch.searchsorted(cdf, target, right=True)[:, 0]
+        picked, got_total = tail_pick(probs, rest)
+        assert (picked != expected).sum() <= (0 if width <= TAIL_BLOCK else 1), width
+        assert (probs.gather(1, picked[:, None]) > 0).all()
+        torch.testing.assert_close(got_total, total.float())

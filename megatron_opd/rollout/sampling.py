@@ -7,6 +7,8 @@ identical (gathered) logits, draw identical tokens without a broadcast.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
@@ -58,6 +60,72 @@ def sample_next_tokens(
 HEAD = 16
 """Ids a draw looks at first: the :data:`HEAD` most likely (see :func:`draw`)."""
 
+TAIL_BLOCK = 512
+"""Columns per block of the tail search (see :func:`tail_pick`)."""
+
+
+class ShiftedExp(NamedTuple):
+    """A row block's ``exp`` pass, kept for the draw's tail (see :func:`shifted_exp`)."""
+
+    lse: torch.Tensor
+    """``[a, 1]`` ``logsumexp(x)``."""
+    exp: torch.Tensor
+    """``[a, v]`` ``exp(x - shift)``: probabilities times ``sums``."""
+    sums: torch.Tensor
+    """``[a, 1]`` row sums of ``exp``."""
+
+
+def shifted_exp(x: torch.Tensor, row_max: torch.Tensor) -> ShiftedExp:
+    """``logsumexp(x [a, v])`` given the row maxima, and the ``exp`` pass behind it.
+
+    The same arithmetic as ``torch.logsumexp`` (shift by the row max, one ``exp`` and one
+    ``sum``, ``log`` plus the shift; an infinite max shifts by 0), so ``lse`` is
+    bit-identical to it (tested); but the max comes from the top-K a decode step computes
+    anyway instead of a pass of its own, and the shifted ``exp`` is kept: the draw's tail
+    reads its probabilities from it instead of a second ``exp`` over the vocabulary.
+    """
+    shift = row_max.masked_fill(row_max.abs() == float("inf"), 0.0)
+    exp = (x - shift).exp_()
+    sums = exp.sum(dim=-1, keepdim=True)
+    return ShiftedExp(lse=sums.log().add_(shift), exp=exp, sums=sums)
+
+
+def tail_pick(probs: torch.Tensor, rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse-CDF pick in id order: ``([r] column, [r, 1] float32 row total)``.
+
+    ``probs [r, w]`` float32 (>= 0), ``rest [r, 1]`` the uniform's remainder. The column is
+    the first whose cumulative probability (float64 prefix sums rounded to float32, as
+    torch's CPU ``cumsum`` of float32 computes them) exceeds ``min(rest, total * (1 -
+    1e-6))``. A row of up to :data:`TAIL_BLOCK` columns is scanned whole. A longer row is
+    not: float32 sums of its :data:`TAIL_BLOCK`-column blocks (one read of the row, where
+    a scan costs about four), their float64 prefix sums, then a float64 scan of the one
+    block the target falls in. The block sums' float32 rounding can move a boundary by
+    about 1e-7 of the mass, so for V > :data:`TAIL_BLOCK` + :data:`HEAD` a draw may differ
+    from the whole-row scan's with about that probability (same distribution). A row with
+    no mass (total 0) gets an arbitrary column; the caller checks the total.
+    """
+    rows, width = probs.shape
+    if width <= TAIL_BLOCK:
+        cdf = probs.cumsum(dim=-1)
+        total = cdf[:, -1:]
+        target = torch.minimum(rest.clamp(min=0), total * (1 - 1e-6))
+        return torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=width - 1), total
+    full = width // TAIL_BLOCK * TAIL_BLOCK
+    parts = [probs[:, :full].view(rows, -1, TAIL_BLOCK).sum(-1)]
+    if full < width:
+        parts.append(probs[:, full:].sum(-1, keepdim=True))
+    ends = torch.cat(parts, dim=1).double().cumsum_(dim=-1)  # [r, blocks]
+    total = ends[:, -1:].float()
+    target = torch.minimum(rest.clamp(min=0), total * (1 - 1e-6))
+    blocks = ends.shape[1]
+    block = torch.searchsorted(ends.float(), target, right=True).clamp_(max=blocks - 1)
+    before = torch.where(block > 0, ends.gather(1, (block - 1).clamp(min=0)), 0.0)
+    columns = block * TAIL_BLOCK + torch.arange(TAIL_BLOCK, device=probs.device)
+    inside = probs.gather(1, columns.clamp(max=width - 1)).masked_fill_(columns >= width, 0.0)
+    cdf = (inside.double().cumsum_(dim=-1) + before).float()
+    offset = torch.searchsorted(cdf, target, right=True).clamp_(max=TAIL_BLOCK - 1)
+    return columns.gather(1, offset)[:, 0].clamp(max=width - 1), total
+
 
 def draw(
     scores: torch.Tensor,
@@ -65,6 +133,7 @@ def draw(
     *,
     lse: torch.Tensor | None = None,
     head: tuple[torch.Tensor, torch.Tensor] | None = None,
+    shifted: ShiftedExp | None = None,
 ) -> torch.Tensor:
     """``[a]`` ids drawn from ``softmax(scores [a, v])``, one uniform per row.
 
@@ -72,11 +141,11 @@ def draw(
     descending, lower id first), then the rest in id order": exact for any order, and
     with this one the uniform ``u`` usually lands in the head, whose probabilities come
     from the top-K and the log-sum-exp that a decode step computes anyway. Only the rows
-    whose ``u`` falls past the head's mass (for a peaked policy, few) pay one more exp
-    and cumsum over their vocabulary. Per decode step at V = 151,936 this measured
-    1.35-1.7x the floor (one top-K plus one log-sum-exp), where Gumbel-max (V uniforms,
-    two logs) cost 3.6x it (``bench/rollout_bench.py``, docs/results.md). Draws do not
-    depend on padding columns at -inf.
+    whose ``u`` falls past the head's mass (for a peaked policy, few) pay one more ``exp``
+    over their vocabulary and a block search (:func:`tail_pick`). Per decode step at
+    V = 151,936 the whole step measured at most 1.2x the floor of one top-K plus one
+    log-sum-exp (``bench/rollout_bench.py``, docs/results.md); Gumbel-max (V uniforms,
+    two logs) cost 3.6x it. Draws do not depend on padding columns at -inf.
 
     Args:
         scores: ``[a, v]`` float logits (temperature applied; -inf ids are never drawn).
@@ -85,10 +154,15 @@ def draw(
         head: ``([a, h], [a, h])`` values and ids of the exact top-``h`` of ``scores``
             (:func:`~megatron_opd.ops.topk_select.exact_topk` order), ``h >= HEAD`` or
             the whole row, when the caller has it; only the first :data:`HEAD` are used.
+        shifted: :func:`shifted_exp` of ``scores`` (then ``lse`` is its ``lse``); a row
+            longer than :data:`TAIL_BLOCK` draws its tail from it, zeroing its head ids
+            in place (the caller must not reuse it).
     """
     from megatron_opd.ops.topk_select import exact_topk
 
     rows, width = scores.shape
+    if shifted is not None:
+        lse = shifted.lse
     h = min(HEAD, width)
     if head is None:
         head = exact_topk(scores, h)
@@ -103,15 +177,27 @@ def draw(
     out = ids.gather(1, pick.clamp(max=h - 1))[:, 0]
     tail = (u[:, 0] >= mass[:, 0]).nonzero()[:, 0]
     if h < width and tail.numel():
-        probs = (scores.index_select(0, tail) - lse.index_select(0, tail)).exp_()
-        probs.scatter_(1, ids.index_select(0, tail), 0.0)
-        tail_cdf = probs.cumsum_(dim=-1)
-        rest = (u.index_select(0, tail) - mass.index_select(0, tail)).clamp(min=0)
-        total = tail_cdf[:, -1:]
-        picked = torch.searchsorted(tail_cdf, torch.minimum(rest, total * (1 - 1e-6)), right=True)
+        if shifted is not None and width > TAIL_BLOCK:
+            # Probabilities times the row sum: scale the target instead of the row. When
+            # many rows go past the head, searching all rows beats copying the tail's.
+            rows_in = torch.arange(rows, device=scores.device) if 2 * tail.numel() >= rows else tail
+            probs = shifted.exp if rows_in is not tail else shifted.exp.index_select(0, tail)
+            rest = (u - mass).index_select(0, rows_in) * shifted.sums.index_select(0, rows_in)
+        else:
+            rows_in = tail
+            if tail.numel() == rows:
+                probs = (scores - lse).exp_()
+            else:
+                probs = (scores.index_select(0, tail) - lse.index_select(0, tail)).exp_()
+            rest = (u - mass).index_select(0, tail)
+        tail_ids = ids.index_select(0, rows_in)
+        probs.scatter_(1, tail_ids, 0.0)
+        picked, total = tail_pick(probs, rest)
+        if rows_in is not tail:
+            picked, total = picked.index_select(0, tail), total.index_select(0, tail)
         # A tail with no mass left (u past the head only by rounding) keeps the head's pick.
         has_mass = total[:, 0] > 0
-        out[tail[has_mass]] = picked[has_mass, 0].clamp(max=width - 1)
+        out[tail[has_mass]] = picked[has_mass]
     return out
 
 
@@ -131,8 +217,8 @@ def sample_step(
     their log-probs under the sampling policy ``log_softmax(logits / temperature)`` (the
     raw logits when greedy) and its exact top-K (value descending, lower id first; every
     id in id order when ``top_k`` is the vocabulary). Padding columns (ids >=
-    ``vocab_size``) are never read: one logsumexp and one top-K over the real columns,
-    plus the sampler's draws.
+    ``vocab_size``) are never read: one top-K and one ``exp``-and-sum over the real columns
+    (the log-sum-exp takes its max from the top-K), plus the sampler's draws.
     """
     from megatron_opd.ops.topk_select import exact_topk
 
@@ -140,16 +226,22 @@ def sample_step(
     real = min(vocab_size or width, width)
     x = logits[:, :real].float()
     scaled = x / temperature if temperature not in (0.0, 1.0) else x
-    lse = torch.logsumexp(scaled, dim=-1, keepdim=True)
-    values = topk_ids = None
-    if 0 < top_k < real:
-        values, topk_ids = exact_topk(scaled, min(max(top_k, HEAD), real))
+    values = topk_ids = shifted = None
+    if 0 < top_k < real or (temperature != 0.0 and top_p >= 1.0):
+        # The head of the draw and the recorded top-K in one pass; its first column is
+        # the row max, which the log-sum-exp then needs no pass of its own for.
+        k = min(max(top_k, HEAD), real) if top_k < real else min(HEAD, real)
+        values, topk_ids = exact_topk(scaled, k)
+        shifted = shifted_exp(scaled, values[:, :1])
+        lse = shifted.lse
+    else:
+        lse = torch.logsumexp(scaled, dim=-1, keepdim=True)
     if temperature == 0.0:
         ids = x.argmax(dim=-1)
     elif top_p < 1.0:
         ids = draw(top_p_filter(scaled, top_p), generator)
     else:
-        ids = draw(scaled, generator, lse=lse, head=None if values is None else (values, topk_ids))
+        ids = draw(scaled, generator, head=(values, topk_ids), shifted=shifted)
     log_probs = scaled.gather(1, ids[:, None])[:, 0] - lse[:, 0]
     if not top_k:
         return ids, log_probs, None, None
