@@ -28,6 +28,7 @@ SCORE_FIELDS = (
     "teacher_log_probs_at_student_ids", "teacher_sampled_log_probs", "overlap_ratio",
 )  # fmt: skip
 SAMPLED = dict(temperature=1.0, top_p=0.9, n=2, seed=7, generation_batch_size=3)
+SAMPLED_FULL = {**SAMPLED, "top_p": 1.0}  # at TP = 2: drawn on the vocabulary shards
 
 
 def _models(groups):
@@ -151,13 +152,14 @@ def _engine_cases(groups, student, teacher, eos):
     from megatron_opd.scoring import score_rollouts
 
     res = {"last": groups.is_last_stage, "tp_rank": groups.tp_rank}
-    batch_sizes, decoders = [], []
+    batch_sizes, decoders, sharded = [], [], []
     originals = {cls: cls.forward for cls in (LeanDecoder, MegatronKVDecoder)}
 
     def recording(cls):
         def forward(self, tokens, *args, **kwargs):
             batch_sizes.append(tokens.shape[0])
             decoders.append(cls.__name__)
+            sharded.append(kwargs.get("vocab_parallel", False))
             return originals[cls](self, tokens, *args, **kwargs)
 
         return forward
@@ -170,6 +172,7 @@ def _engine_cases(groups, student, teacher, eos):
         for cls, forward in originals.items():
             cls.forward = forward
     res["decoders"] = sorted(set(decoders))
+    res["vocab_parallel"] = sorted(set(sharded))
     res["greedy"] = _rows(greedy)
     res["greedy_tokens"] = greedy.tokens
     res["greedy_prompt_lengths"] = greedy.prompt_lengths.tolist()
@@ -180,6 +183,10 @@ def _engine_cases(groups, student, teacher, eos):
     batch = sampled.generate(PROMPTS, max_new_tokens=NUM_NEW, seed=SAMPLED["seed"])
     res["sampled"] = _rows(batch)
     res["prompt_index"] = batch.prompt_index.tolist()
+    full = _engine(groups, student, eos, **SAMPLED_FULL)
+    res["sampled_full"] = _rows(
+        full.generate(PROMPTS, max_new_tokens=NUM_NEW, seed=SAMPLED["seed"])
+    )
 
     # The lean no-grad forward at one stage (tp1, tp2); pp2 falls back to Megatron's.
     scored = score_rollouts(
@@ -328,6 +335,7 @@ def _single_process_run():
             seed=SAMPLED["seed"],
             generation_batch_size=SAMPLED["generation_batch_size"],
         ),  # fmt: skip
+        "sampled_full": _reference_generate(student, eos=eos, **SAMPLED_FULL),
         "scores": _reference_scores(student, teacher, _scoring_batch()),
     }
     return ref, _engine_cases(groups, student, teacher, eos)
@@ -368,6 +376,7 @@ def test_kv_cache_generation_equals_recompute(runs, layout):
     for res in results[layout]:
         _check_rows(res["greedy"], *ref["greedy"], res["last"])
         _check_rows(res["sampled"], *ref["sampled"], res["last"])
+        _check_rows(res["sampled_full"], *ref["sampled_full"], res["last"])
         assert res["prompt_index"] == [0, 0, 1, 1, 2, 2, 3, 3]
     # The same tokens on every rank of the replica (TP ranks and PP stages).
     assert all(r["sampled"][i][0] == results[layout][0]["sampled"][i][0]
@@ -387,6 +396,9 @@ def test_eos_stops_rows_and_finished_rows_leave_the_batch(runs):
     assert results["tp1"][0]["decoders"] == ["LeanDecoder"]
     assert all(res["decoders"] == ["LeanDecoder"] for res in results["tp2"])
     assert all(res["decoders"] == ["MegatronKVDecoder"] for res in results["pp2"])
+    # At TP = 2 on the lean path the greedy rollout samples on the vocabulary shards.
+    assert all(res["vocab_parallel"] == [True] for res in results["tp2"])
+    assert results["tp1"][0]["vocab_parallel"] == [False]
     # Prefill with all 4 rows, then one decode step per token with only the running rows.
     sizes = results["tp1"][0]["batch_sizes"]
     running = [sum(1 for n in lengths if n > step) for step in range(max(lengths))]

@@ -28,6 +28,9 @@ from megatron_opd.scoring import forward_through_stages
 class MegatronKVDecoder:
     """Megatron's own forward with a ``StaticInferenceContext`` (any TP/PP layout)."""
 
+    shards_vocab = False
+    """Megatron's inference forward always gathers the logits over TP."""
+
     def __init__(
         self,
         model: torch.nn.Module,

@@ -123,6 +123,9 @@ class LeanDecoder:
     step or a chunk), :meth:`keep_rows` when rows leave the batch.
     """
 
+    shards_vocab = True
+    """:meth:`forward` can return this TP rank's vocabulary shard (``vocab_parallel``)."""
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -145,6 +148,8 @@ class LeanDecoder:
         gpt = _inner(model)
         config = gpt.config
         self.gpt, self.groups = gpt, groups
+        self.vocab_size = int(gpt.vocab_size)
+        """The model's padded vocabulary (all TP shards)."""
         self.tp_group = groups.tp_group if groups.tp_size > 1 else None
         tp = groups.tp_size
         self.head_dim = config.kv_channels

@@ -25,9 +25,13 @@ every layer's cache, so later steps cost only the rows still running.
 
 Parallelism (process groups come from :class:`ParallelGroups`, never from globals):
 
-- TP: Megatron's inference path gathers the logits over the TP group, so every TP rank
-  holds the same ``[a, V]`` logits; each rank samples with its own generator seeded
-  identically, giving identical tokens with no extra communication.
+- TP: on the lean path with ``top_p = 1`` (the default) each TP rank keeps its
+  ``[a, V / TP]`` logits and the ranks draw together
+  (:mod:`megatron_opd.rollout.vocab_parallel_sampling`: one small all-gather per step,
+  one small all-reduce when a row's draw falls past the 16 most likely ids). Otherwise
+  (Megatron's inference forward, top-p) the logits are gathered over the TP group, so
+  every TP rank holds the same ``[a, V]`` logits and samples them with its own generator
+  seeded identically, giving identical tokens with no extra communication.
 - PP: each stage receives ``[s, a, h]`` hidden states from the previous stage, runs its
   layers (with its own KV cache) and sends its output on; the last stage samples and
   broadcasts the new tokens over the pipeline group, so every stage knows which rows
@@ -59,6 +63,7 @@ from megatron_opd.rollout.engine import (
 )
 from megatron_opd.rollout.kv_decoder import make_kv_decoder
 from megatron_opd.rollout.sampling import sample_step
+from megatron_opd.rollout.vocab_parallel_sampling import vocab_parallel_sample_step
 from megatron_opd.scoring import eval_without_sequence_parallel
 
 
@@ -241,6 +246,7 @@ class MegatronRolloutEngine:
         done = torch.zeros(m, dtype=torch.bool, device=dev)
 
         decoder = make_kv_decoder(self.model, groups, rows=m, max_len=total, lean=cfg.lean_decode)
+        shard = self._samples_vocab_shards(decoder, top_k)
         next_ids = None
         for step in range(num_new):
             offset = decoder.offset
@@ -249,13 +255,24 @@ class MegatronRolloutEngine:
             else:
                 inputs, pos = next_ids[:, None], positions[running, offset : offset + 1]
             valid = key_valid[running] if padded else None
-            logits = decoder.forward(inputs, pos, valid, last_only=True)
+            if shard:
+                logits = decoder.forward(inputs, pos, valid, last_only=True, vocab_parallel=True)
+            else:
+                logits = decoder.forward(inputs, pos, valid, last_only=True)
 
             if last_stage:
-                next_ids, log_probs, ids, topk_log_probs = sample_step(
-                    logits[:, -1], temperature=cfg.temperature, top_p=cfg.top_p,
-                    generator=generator, vocab_size=self.vocab_size, top_k=top_k,
-                )  # fmt: skip
+                if shard:
+                    step_out = vocab_parallel_sample_step(
+                        logits[:, -1], temperature=cfg.temperature, generator=generator,
+                        vocab_size=self.vocab_size or logits.shape[-1] * groups.tp_size,
+                        tp_group=groups.tp_group, top_k=top_k,
+                    )  # fmt: skip
+                else:
+                    step_out = sample_step(
+                        logits[:, -1], temperature=cfg.temperature, top_p=cfg.top_p,
+                        generator=generator, vocab_size=self.vocab_size, top_k=top_k,
+                    )  # fmt: skip
+                next_ids, log_probs, ids, topk_log_probs = step_out
                 out_log_probs[running, step] = log_probs
                 if out_topk is not None:
                     out_topk[running, step] = ids
@@ -295,6 +312,13 @@ class MegatronRolloutEngine:
 
         return (responses, per_row(out_log_probs), per_row(out_topk if record_k else None),
                 per_row(out_topk_lp))  # fmt: skip
+
+    def _samples_vocab_shards(self, decoder, top_k: int) -> bool:
+        """Whether this block samples on the TP ranks' vocabulary shards (see module)."""
+        if self.groups.tp_size == 1 or not decoder.shards_vocab or self.config.top_p < 1.0:
+            return False
+        # Recording every id in id order (exact full-vocabulary losses) needs them all.
+        return top_k < (self.vocab_size or decoder.vocab_size)
 
     def _call_listener(
         self,
