@@ -12,7 +12,19 @@ and log-probs (:func:`~megatron_opd.rollout.sampling.sample_step`). Its floor is
 torch passes that cannot be avoided: one ``torch.topk`` and one ``torch.logsumexp`` over
 the rank's vocabulary (a sampler must also draw; shown as a second floor with
 ``torch.multinomial``). Timed on the bench's ``V`` and at ``--floor-vocab`` (151,936, Qwen)
-with ``--floor-k`` (16), median of many calls, one thread.
+with ``--floor-k`` (16), for ``--floor-batches`` decode rows (16, and 64: the demo's 16
+prompts x 4 samples), median of many calls taken in turns (:func:`_interleaved_medians`),
+one thread. "Ours" writes its ``exp`` pass into a buffer kept across calls, as the engine
+does for a generation block.
+
+At ``TP = 2`` (two gloo processes, one thread each, each holding ``[B, V_padded / 2]``) the
+floor is those two passes over the rank's shard, and "ours" is the engine's TP path,
+:func:`~megatron_opd.rollout.vocab_parallel_sampling.vocab_parallel_sample_step`, with its
+collective; beside it, what the engine did before: all-gather the logits, then
+:func:`~megatron_opd.rollout.sampling.sample_step` on the whole row. Each rank's median;
+the slower rank is reported. Target: ours <= 1.3x the floor at V = 151,936, K = 16, TP = 2.
+A step also has a fixed cost that does not shrink with B (about 100 small torch ops, ~1 ms
+on this CPU, and gloo's ~0.5 ms all-gather latency), so the ratio is worst at small B.
 """
 
 from __future__ import annotations
@@ -88,6 +100,25 @@ def _run(args):
     return best, agree
 
 
+def _interleaved_medians(fns: dict, calls: int, before=None, block: int = 4) -> dict:
+    """Median seconds per call of each function, timed side by side: blocks of ``block``
+    consecutive calls (the first, on a cold cache, untimed) taking turns, so that every
+    function sees the same machine load and a warm cache, as a decode loop does."""
+    import statistics
+
+    times = {name: [] for name in fns}
+    for _ in range(max(1, calls // (block - 1))):
+        for name, fn in fns.items():
+            for i in range(block):
+                if before is not None:
+                    before()
+                start = time.perf_counter()
+                fn()
+                if i:
+                    times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def _step_logits(rows: int, vocab: int, shape: str) -> torch.Tensor:
     """``[rows, padded vocab]`` logits. ``flat``: N(0, 9) iid, the 16 most likely ids hold
     ~22 % of the mass (the sampler's worst case: most draws go past its 16-id head);
@@ -104,7 +135,6 @@ def _step_logits(rows: int, vocab: int, shape: str) -> torch.Tensor:
 
 def _vocab_step_floor(rows: int, vocab: int, k: int, calls: int, shape: str) -> dict[str, float]:
     """Median seconds of our per-step vocabulary work and of its floors on [rows, vocab]."""
-    import statistics
 
     from megatron_opd.rollout.sampling import sample_step
 
@@ -112,9 +142,11 @@ def _vocab_step_floor(rows: int, vocab: int, k: int, calls: int, shape: str) -> 
     logits = _step_logits(rows, vocab, shape)
     generator = torch.Generator().manual_seed(1)
 
+    workspace = torch.empty(rows, vocab)  # the engine keeps one per generation block
+
     def ours():
         sample_step(logits, temperature=1.0, top_p=1.0, generator=generator, vocab_size=vocab,
-                    top_k=k)  # fmt: skip
+                    top_k=k, workspace=workspace)  # fmt: skip
 
     real = logits[:, :vocab]
 
@@ -126,29 +158,79 @@ def _vocab_step_floor(rows: int, vocab: int, k: int, calls: int, shape: str) -> 
         floor()
         torch.multinomial(real.softmax(dim=-1), 1, generator=generator)
 
-    out = {}
-    for name, fn in (("ours", ours), ("floor", floor), ("floor+draw", floor_and_draw)):
-        fn()
-        times = []
-        for _ in range(calls):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        out[name] = statistics.median(times)
-    return out
+    return _interleaved_medians({"ours": ours, "floor": floor, "floor+draw": floor_and_draw},
+                                calls)  # fmt: skip
+
+
+FLOOR_TARGET = 1.3
+
+
+def _tp_vocab_step(rows: int, vocab: int, k: int, calls: int, shape: str) -> dict[str, float]:
+    """On every rank of a TP = world group: median seconds of the sharded step, of the
+    gather-then-sample step and of the shard's floor; the slower rank's values."""
+
+    import torch.distributed as dist
+
+    from megatron_opd.rollout.sampling import sample_step
+    from megatron_opd.rollout.vocab_parallel_sampling import vocab_parallel_sample_step
+
+    torch.set_num_threads(1)
+    rank, size = dist.get_rank(), dist.get_world_size()
+    full = _step_logits(rows, vocab, shape)
+    local = -(-full.shape[1] // size)
+    full = torch.nn.functional.pad(full, (0, local * size - full.shape[1]), value=30.0)
+    shard = full[:, rank * local : (rank + 1) * local].contiguous()
+    real = shard[:, : max(0, min(local, vocab - rank * local))]
+    generator = torch.Generator().manual_seed(1)
+    world = dist.group.WORLD
+    workspace = torch.empty(rows, real.shape[1])  # the engine keeps one per generation block
+
+    def ours():
+        vocab_parallel_sample_step(shard, temperature=1.0, generator=generator,
+                                   vocab_size=vocab, tp_group=world, top_k=k,
+                                   workspace=workspace)  # fmt: skip
+
+    def gathered():
+        parts = [torch.empty_like(shard) for _ in range(size)]
+        dist.all_gather(parts, shard)
+        sample_step(torch.cat(parts, dim=1), temperature=1.0, top_p=1.0, generator=generator,
+                    vocab_size=vocab, top_k=k)  # fmt: skip
+
+    def floor():
+        torch.topk(real, k, dim=-1)
+        torch.logsumexp(real, dim=-1)
+
+    out = _interleaved_medians({"ours": ours, "gathered": gathered, "floor": floor}, calls,
+                               before=dist.barrier)  # fmt: skip
+    slowest = [None] * size
+    dist.all_gather_object(slowest, out)
+    return {name: max(r[name] for r in slowest) for name in out} | {
+        "ratio": max(r["ours"] / r["floor"] for r in slowest)
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name, default in (("batch", 16), ("prompt", 32), ("new", 128), ("hidden", 64),
                           ("vocab", 512), ("repeats", 2), ("floor-vocab", 151_936),
-                          ("floor-k", 16), ("floor-calls", 50)):  # fmt: skip
+                          ("floor-k", 16), ("floor-calls", 30)):  # fmt: skip
         parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument(
+        "--floor-batches", default="16,64",
+        help="decode rows of the per-step vocabulary work (64: the demo's 16 prompts x 4)",
+    )  # fmt: skip
     args = parser.parse_args()
+    batches = [int(b) for b in args.floor_batches.split(",")]
     from megatron_opd.testing.multiprocess import close_all_pools, run_distributed
 
     try:
         ((best, agree),) = run_distributed(_run, 1, args, timeout_s=1200)
+        sharded = {
+            (rows, shape): run_distributed(_tp_vocab_step, 2, rows, args.floor_vocab,
+                                           args.floor_k, args.floor_calls, shape,
+                                           timeout_s=600)[0]
+            for rows in batches for shape in ("flat", "zipf")
+        }  # fmt: skip
     finally:
         close_all_pools()
     steps = args.new
@@ -161,16 +243,32 @@ def main() -> None:
         f"{agree:.1%} of positions"
     )
     print("per-step vocabulary work (sample + log-prob + top-K record) vs its floor, 1 thread:")
-    for vocab, shape in ((args.vocab, "flat"), (args.floor_vocab, "flat"),
-                         (args.floor_vocab, "zipf")):  # fmt: skip
-        t = _vocab_step_floor(args.batch, vocab, args.floor_k, args.floor_calls, shape)
+    cases = [(args.batch, args.vocab, "flat")]
+    cases += [(rows, args.floor_vocab, shape) for rows in batches for shape in ("flat", "zipf")]
+    for rows, vocab, shape in cases:
+        t = _vocab_step_floor(rows, vocab, args.floor_k, args.floor_calls, shape)
         print(
-            f"  B={args.batch} V={vocab:,} K={args.floor_k} {shape:4s} logits: "
+            f"  B={rows} V={vocab:,} K={args.floor_k} {shape:4s} logits: "
             f"ours {t['ours'] * 1e3:.3f} ms | floor "
             f"(topk + logsumexp) {t['floor'] * 1e3:.3f} ms -> {t['ours'] / t['floor']:.2f}x | "
             f"floor + multinomial draw {t['floor+draw'] * 1e3:.3f} ms -> "
             f"{t['ours'] / t['floor+draw']:.2f}x"
         )
+    print("TP=2 (two gloo ranks, one thread each; the slower rank):")
+    verdicts = {}
+    for (rows, shape), t in sharded.items():
+        verdicts.setdefault(rows, []).append(t["ratio"] <= FLOOR_TARGET)
+        print(
+            f"  B={rows} V={args.floor_vocab:,} K={args.floor_k} {shape:4s} logits: "
+            f"sharded step {t['ours'] * 1e3:.3f} ms | gather + whole-row step "
+            f"{t['gathered'] * 1e3:.3f} ms | floor (shard topk + logsumexp) "
+            f"{t['floor'] * 1e3:.3f} ms -> {t['ratio']:.2f}x"
+        )
+    print(
+        f"target: sharded step <= {FLOOR_TARGET}x the floor at V={args.floor_vocab:,}, "
+        f"K={args.floor_k}, TP=2: "
+        + ", ".join(f"B={rows} {'PASS' if all(ok) else 'MISS'}" for rows, ok in verdicts.items())
+    )
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""Sampling on the TP ranks' vocabulary shards against sampling the whole row.
+"""Sampling on the TP ranks' vocabulary shards against single-process references.
 
-Each rank gets its shard of the same logits; the reference is
-:func:`megatron_opd.rollout.sampling.sample_step` on the whole (gathered) row with the
-same generator seed (itself tested against an independent inverse CDF), and the exact
-softmax for the draw frequencies. TP = 2 and 3 on gloo, with Megatron's padding columns,
-a shard holding only padding, ties, greedy decoding and tail-heavy rows.
+Each rank gets its shard of the same logits. References: an independent float64
+two-stage inverse CDF with the same uniforms (shard by ``u[:, 0]``, then "16 most likely
+first, then id order" within the shard by ``u[:, 1 + r]``) for the draws;
+:func:`megatron_opd.rollout.sampling.sample_step` on the whole row for greedy ids, log-probs
+and the recorded top-K; the exact softmax for the draw frequencies. TP = 2 and 3 on gloo,
+with Megatron's padding columns, a shard holding only padding, ties, greedy decoding and
+tail-heavy rows.
 """
 
 from __future__ import annotations
@@ -73,9 +75,31 @@ def test_every_rank_draws_the_same(ranks):
                 assert (mine is None and first is None) or torch.equal(mine, first), key
 
 
+def _two_stage_reference(logits, vocab, tp, temperature, seed):
+    """Float64 inverse CDFs with the uniforms vocab_parallel_sample_step draws."""
+    rows, padded = logits.shape
+    local = padded // tp
+    u = torch.rand(rows, 1 + tp, generator=torch.Generator().manual_seed(seed)).double()
+    x = logits[:, :vocab].double() / temperature
+    probs = x.softmax(-1)
+    ids = []
+    for i in range(rows):
+        shard_mass = torch.stack([probs[i, r * local : (r + 1) * local].sum() for r in range(tp)])
+        r = int(torch.searchsorted(shard_mass.cumsum(0), u[i, :1], right=True).clamp(max=tp - 1))
+        part = x[i, r * local : min((r + 1) * local, vocab)]
+        head = part.sort(descending=True, stable=True).indices[:16]
+        rest = torch.tensor([c for c in range(part.numel()) if c not in set(head.tolist())])
+        order = torch.cat([head, rest]).long() if rest.numel() else head
+        cdf = part.softmax(-1)[order].cumsum(0)
+        j = int(torch.searchsorted(cdf, u[i, 1 + r : 2 + r], right=True).clamp(max=len(order) - 1))
+        ids.append(r * local + int(order[j]))
+    return torch.tensor(ids)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_draws_equal_sampling_the_whole_row(ranks, case):
+def test_draws_equal_a_two_stage_inverse_cdf(ranks, case):
     name, vocab, padded, scale = case
+    tp = len(ranks)
     logits = _logits(name, vocab, padded, scale)
     for temperature, top_k in SETTINGS:
         got = ranks[0][name, temperature, top_k]
@@ -83,7 +107,11 @@ def test_draws_equal_sampling_the_whole_row(ranks, case):
             logits, temperature=temperature, top_p=1.0, vocab_size=vocab, top_k=top_k,
             generator=torch.Generator().manual_seed(9),
         )  # fmt: skip
-        # The sums are added in another order: a boundary may move by float rounding.
+        if temperature:
+            ids = _two_stage_reference(logits, vocab, tp, temperature, seed=9)
+            scaled = logits[:, :vocab] / temperature
+            log_probs = scaled.log_softmax(-1).gather(1, ids.clamp(max=vocab - 1)[:, None])[:, 0]
+        # Sums in another order: a float32 boundary may move by rounding.
         assert (got[0] != ids).sum() <= 1, (name, temperature, top_k)
         assert (got[0] < vocab).all()
         same = got[0] == ids

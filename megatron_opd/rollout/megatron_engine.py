@@ -247,6 +247,7 @@ class MegatronRolloutEngine:
 
         decoder = make_kv_decoder(self.model, groups, rows=m, max_len=total, lean=cfg.lean_decode)
         shard = self._samples_vocab_shards(decoder, top_k)
+        workspace = None  # the sampler's exp pass, one buffer for every step of the block
         next_ids = None
         for step in range(num_new):
             offset = decoder.offset
@@ -261,16 +262,20 @@ class MegatronRolloutEngine:
                 logits = decoder.forward(inputs, pos, valid, last_only=True)
 
             if last_stage:
+                if workspace is None:
+                    columns = self._sampled_columns(logits.shape[-1], shard)
+                    workspace = torch.empty(m, columns, device=dev)
                 if shard:
                     step_out = vocab_parallel_sample_step(
                         logits[:, -1], temperature=cfg.temperature, generator=generator,
                         vocab_size=self.vocab_size or logits.shape[-1] * groups.tp_size,
-                        tp_group=groups.tp_group, top_k=top_k,
+                        tp_group=groups.tp_group, top_k=top_k, workspace=workspace,
                     )  # fmt: skip
                 else:
                     step_out = sample_step(
                         logits[:, -1], temperature=cfg.temperature, top_p=cfg.top_p,
                         generator=generator, vocab_size=self.vocab_size, top_k=top_k,
+                        workspace=workspace,
                     )  # fmt: skip
                 next_ids, log_probs, ids, topk_log_probs = step_out
                 out_log_probs[running, step] = log_probs
@@ -319,6 +324,13 @@ class MegatronRolloutEngine:
             return False
         # Recording every id in id order (exact full-vocabulary losses) needs them all.
         return top_k < (self.vocab_size or decoder.vocab_size)
+
+    def _sampled_columns(self, width: int, shard: bool) -> int:
+        """Real vocabulary columns of this rank's ``width``-column logits."""
+        if not shard:
+            return min(self.vocab_size or width, width)
+        vocab = self.vocab_size or width * self.groups.tp_size
+        return max(0, min(width, vocab - self.groups.tp_rank * width))
 
     def _call_listener(
         self,

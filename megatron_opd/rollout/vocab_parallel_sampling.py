@@ -1,29 +1,31 @@
 """A decode step's sampling on this rank's vocabulary shard, without gathering the logits.
 
 At tensor parallelism ``TP > 1`` the output layer leaves each rank ``[a, V / TP]`` logits.
-Gathering them (``[a, V]`` per rank per decode step) and sampling on the whole row costs
-every rank the whole vocabulary's work plus the all-gather. :func:`vocab_parallel_sample_step`
-keeps the per-rank work to the shard's (one exact top-K and one ``exp``-and-sum pass, the
-floor measured by ``bench/rollout_bench.py --tp 2``) and exchanges a few numbers per row:
+Gathering them (``[a, V]`` per rank per decode step) and sampling the whole row costs every
+rank the whole vocabulary's work plus the all-gather. :func:`vocab_parallel_sample_step`
+keeps each rank's work to its shard's (one exact top-K, one ``exp``-and-sum pass, and a
+draw that usually stays within the top 16; the floor it is measured against in
+``bench/rollout_bench.py``) and makes ONE collective per step, a ``[a, 2k + 4]`` all-gather.
 
-1. each rank sends its exact top-``k`` (values, global ids), its row max ``m_r`` and
-   ``s_r = sum exp(x - m_r)`` in ONE all-gather of ``[a, 2k + 2]`` float64;
-2. every rank merges the same table into the global top-``k`` (value descending, lower id
-   first) and ``lse = log sum_r s_r exp(m_r - lse)``, and draws the same uniform ``u``
-   per row from its generator (seeded alike on the TP ranks);
-3. head: the draw of :func:`~megatron_opd.rollout.sampling.draw` over "the 16 most likely
-   ids first, then the rest in id order" picks from the global top-16 on every rank;
-4. tail (rows whose ``u`` is past the head's mass): the rest in id order is rank 0's
-   shard, then rank 1's, ...; each rank's tail mass follows from the table (``s_r
-   exp(m_r - lse)`` minus its head ids' probabilities), so all ranks agree which rank
-   owns the row's draw; the owner searches its shard (:func:`~megatron_opd.rollout.
-   sampling.tail_pick` on its kept ``exp`` pass) and ONE all-reduce of ``[a, 2]`` (id and
-   logit) tells the others. No all-reduce when no row reaches the tail.
+The draw is two-stage: shard ``r`` holds probability mass ``M_r = s_r exp(m_r - lse)``
+(``m_r`` its row max, ``s_r = sum exp(x - m_r)``), and every rank draws the same uniforms
+``[a, 1 + TP]`` from its generator (seeded alike on the TP ranks).
 
-The ids are those :func:`~megatron_opd.rollout.sampling.sample_step` draws from the
-gathered logits with the same generator (same ordering, same uniforms), up to float
-rounding of the sums near a boundary (tested against it at TP = 2 and 3). Top-p needs
-the sorted vocabulary and is not done here (the engine gathers the logits for it).
+1. Before any exchange, each rank draws a candidate id from ITS shard's softmax with
+   uniform ``u[:, 1 + r]`` (:func:`~megatron_opd.rollout.sampling.draw`: its 16 most likely
+   ids first, then the rest in id order);
+2. one all-gather of its top-``k`` (values, global ids), ``m_r``, ``s_r``, candidate id and
+   candidate logit per row;
+3. every rank merges the same table into the global top-``k`` (value descending, lower id
+   first) and ``lse``, and takes the candidate of the shard that ``u[:, 0]`` selects
+   (inverse CDF over ``M_0, M_1, ...``).
+
+``P(id) = M_r / sum M * p(id) / M_r = p(id)``: exact. The draws are not those of
+:func:`~megatron_opd.rollout.sampling.sample_step` on the gathered row (another use of
+the uniforms; the one-stage draw would need a second collective per step to tell the
+ranks which id the owning shard drew); tests compare them with a single-process
+two-stage reference and the softmax. Top-p needs the sorted vocabulary and is not done
+here (the engine gathers the logits for it).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch.distributed as dist
 
 from megatron_opd.ops.softmax_functions import combine_logsumexp
 from megatron_opd.ops.topk_select import local_topk, merge_topk
-from megatron_opd.rollout.sampling import HEAD, head_pick, shifted_exp, tail_pick
+from megatron_opd.rollout.sampling import HEAD, block_pick, block_sums
 
 
 def vocab_parallel_sample_step(
@@ -44,6 +46,7 @@ def vocab_parallel_sample_step(
     vocab_size: int,
     tp_group: dist.ProcessGroup,
     top_k: int = 0,
+    workspace: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """:func:`~megatron_opd.rollout.sampling.sample_step` (``top_p = 1``) on this rank's
     ``[a, V_padded / TP]`` shard; the same four results on every rank of ``tp_group``.
@@ -51,11 +54,13 @@ def vocab_parallel_sample_step(
     Args:
         local_logits: this rank's columns of the logits (any float dtype; Megatron's
             padding columns at ids >= ``vocab_size`` are never read).
-        temperature: the sampling temperature (0 = greedy).
+        temperature: the sampling temperature (0 = greedy: the lowest id of the maximum).
         generator: the replica's generator, seeded alike on every rank of ``tp_group``.
         vocab_size: the real (unpadded) vocabulary size.
         tp_group: the tensor-parallel group the vocabulary is split over.
         top_k: student top-K to record, ``< vocab_size`` (0: none).
+        workspace: ``[>= a, real columns of this shard]`` float32 scratch reused across
+            steps (see :func:`~megatron_opd.rollout.sampling.shifted_exp`).
     """
     if not 0 <= top_k < vocab_size:
         raise ValueError(
@@ -69,75 +74,75 @@ def vocab_parallel_sample_step(
     x = local_logits[:, :valid].float()
     scaled = x / temperature if temperature not in (0.0, 1.0) else x
     k = min(max(top_k, HEAD if temperature else 1), vocab_size)
-    values, ids = local_topk(scaled, k, start, local * size)
-    shifted = shifted_exp(scaled, values[:, :1])
-    # 1. One exchange: top-k values and ids, row max and sum exp(x - max), per row.
+    # Ordered (value descending, lower id first): the draw's head needs that order.
+    values, ids = merge_topk(*local_topk(scaled, k, start, local * size), k)
+    row_max = values[:, :1]
+    shift = row_max.masked_fill(row_max.abs() == float("inf"), 0.0)
+    if workspace is None:
+        exp = (scaled - shift).exp_()
+    else:
+        exp = torch.sub(scaled, shift, out=workspace[:rows, :valid]).exp_()
+    blocks = block_sums(exp)  # the draw's tail search reads them; their sum is s_r
+    sums = blocks.sum(dim=-1, keepdim=True)
+    # 1. This shard's candidate (greedy: the merged top-1 decides, no draw).
+    candidate = torch.zeros(rows, 2, dtype=torch.float64, device=x.device)
+    if temperature:
+        u = torch.rand(rows, 1 + size, generator=generator, device=x.device)
+        if valid:
+            columns = _draw_in_shard(
+                exp, blocks, sums, values, ids - start, u[:, 1 + rank :][:, :1]
+            )
+            candidate[:, 0] = columns + start
+            candidate[:, 1] = scaled.gather(1, columns[:, None])[:, 0]
+    # 2. One exchange: top-k values and ids, row max, sum exp(x - max), candidate.
     payload = torch.cat(
-        [values.double(), ids.double(), values[:, :1].double(), shifted.sums.double()], dim=1
+        [values.double(), ids.double(), row_max.double(), sums.double(), candidate],
+        dim=1,
     )
-    parts = [torch.empty_like(payload) for _ in range(size)]
-    dist.all_gather(parts, payload, group=tp_group)
-    table = torch.stack(parts)  # [TP, a, 2k + 2]
+    table = payload.new_empty(size * rows, payload.shape[1])
+    dist.all_gather_into_tensor(table, payload, group=tp_group)
+    table = table.view(size, rows, -1)  # [TP, a, 2k + 4]
+    # 3. The same merge and choice on every rank.
     maxes, sums = table[:, :, 2 * k].float(), table[:, :, 2 * k + 1].float()
     lse = combine_logsumexp(maxes, sums)[:, None]  # [a, 1]
     all_values = table[:, :, :k].permute(1, 0, 2).reshape(rows, size * k).float()
     all_ids = table[:, :, k : 2 * k].permute(1, 0, 2).reshape(rows, size * k).long()
     values, ids = merge_topk(all_values, all_ids, k)
-
-    if temperature == 0.0:
-        next_ids, picked = ids[:, 0], values[:, 0]
+    if temperature:
+        mass = (sums * (maxes - lse[:, 0]).exp()).nan_to_num_(0.0).cumsum_(dim=0)  # [TP, a]
+        target = torch.minimum(u[:, 0], mass[-1] * (1 - 1e-6))
+        owner = (mass <= target).sum(dim=0).clamp_(max=size - 1)  # first shard past u
+        chosen = table[:, :, 2 * k + 2 :].gather(0, owner[None, :, None].expand(1, rows, 2))[0]
+        next_ids, picked = chosen[:, 0].long(), chosen[:, 1].float()
     else:
-        u = torch.rand(rows, 1, generator=generator, device=x.device)
-        h = min(HEAD, vocab_size)
-        next_ids, column, mass, tail = head_pick(values[:, :h], ids[:, :h], lse, u)
-        picked = values[:, :h].gather(1, column)[:, 0]
-        if h < vocab_size and tail.numel():
-            next_ids, picked = _tail_draw(
-                shifted, scaled, start, valid, local, rank, tp_group, ids[:, :h],
-                values[:, :h], lse, maxes, sums, u - mass, tail, next_ids, picked,
-            )  # fmt: skip
+        next_ids, picked = ids[:, 0], values[:, 0]
     log_probs = picked - lse[:, 0]
     if not top_k:
         return next_ids, log_probs, None, None
     return next_ids, log_probs, ids[:, :top_k], values[:, :top_k] - lse
 
 
-def _tail_draw(
-    shifted, scaled, start, valid, local, rank, tp_group, head_ids, head_values, lse,
-    maxes, sums, rest, tail, next_ids, picked,
-):  # fmt: skip
-    """Step 4 of the module docstring: the tail rows' ids and logits on every rank."""
-    size = maxes.shape[0]
-    # Each rank's mass outside the head, for every row (the same table on every rank).
-    head_probs = (head_values - lse).exp()  # [a, h]
-    owner_of_head = head_ids // local  # [a, h]
-    in_head = torch.zeros_like(sums).scatter_add_(0, owner_of_head.T.contiguous(),
-                                                  head_probs.T.contiguous())  # fmt: skip
-    shard_mass = (sums * (maxes - lse[:, 0]).exp()).nan_to_num_(0.0)
-    tail_mass = (shard_mass - in_head).clamp_(min=0.0)  # [TP, a]
-    cum = tail_mass.cumsum(dim=0)
-    total = cum[-1]
-    target = torch.minimum(rest[:, 0].clamp(min=0), total * (1 - 1e-6))
-    owner = (cum <= target).sum(dim=0).clamp_(max=size - 1)  # [a]
-    result = torch.zeros(next_ids.shape[0], 2, dtype=torch.float64, device=next_ids.device)
-    mine = tail[(owner.index_select(0, tail) == rank) & (total.index_select(0, tail) > 0)]
-    if mine.numel() and valid:
-        exp = shifted.exp.index_select(0, mine)
-        # Zero this shard's head ids (the head was drawn from already).
-        cols = head_ids.index_select(0, mine) - start
-        owned = (cols >= 0) & (cols < valid)
-        flat = (torch.arange(mine.numel(), device=cols.device)[:, None] * valid + cols)[owned]
-        exp.view(-1).index_fill_(0, flat, 0.0)
-        before = cum.index_select(1, mine)[rank] - tail_mass.index_select(1, mine)[rank]
-        local_target = target.index_select(0, mine) - before
-        # exp = probability * exp(lse - shift); the shift is this rank's row max.
-        scale = (lse.index_select(0, mine)[:, 0] - maxes[rank].index_select(0, mine)).exp()
-        col, _ = tail_pick(exp, (local_target * scale)[:, None])
-        result[mine, 0] = (col + start).double()
-        result[mine, 1] = scaled.index_select(0, mine).gather(1, col[:, None])[:, 0].double()
-    dist.all_reduce(result, group=tp_group)
-    drawn = tail[total.index_select(0, tail) > 0]
-    next_ids, picked = next_ids.clone(), picked.clone()
-    next_ids[drawn] = result[drawn, 0].long()
-    picked[drawn] = result[drawn, 1].float()
-    return next_ids, picked
+def _draw_in_shard(exp, blocks, sums, values, columns, u):
+    """``[a]`` columns drawn from this shard's softmax with uniforms ``u [a, 1]``.
+
+    The order of :func:`~megatron_opd.rollout.sampling.draw` (the shard's 16 most likely
+    first, then the rest in id order), in units of ``exp = exp(x - shift)``: the head's
+    weights are ``exp`` at its columns, the rest is searched by blocks with the head left
+    out of the block sums (no write into ``exp``).
+    """
+    h = min(HEAD, exp.shape[1])
+    head = exp.gather(1, columns[:, :h])
+    head_cdf = head.cumsum(dim=-1)
+    mass = head_cdf[:, -1:]
+    target = u * sums
+    # right=True: the first id whose cumulative weight exceeds the target (never weight 0).
+    pick = torch.searchsorted(head_cdf, torch.minimum(target, mass * (1 - 1e-6)), right=True)
+    out = columns[:, :h].gather(1, pick.clamp(max=h - 1))[:, 0]
+    tail = (target[:, 0] >= mass[:, 0]).nonzero()[:, 0]
+    if h < exp.shape[1] and tail.numel():
+        exclude = (columns[:, :h].index_select(0, tail), head.index_select(0, tail))
+        rest = (target - mass).index_select(0, tail)
+        picked, total = block_pick(exp, blocks, tail, rest, exclude)
+        has_mass = total[:, 0] > 0
+        out[tail[has_mass]] = picked[has_mass]
+    return out
