@@ -284,6 +284,24 @@ def _engine_cases(groups, student, teacher, eos):
             "full": (full.weights, chunked.overlap_ratio, full.effective_length),
         }
 
+    # Deferred chunks: with w_drop 0.25 no row can stop within its first 3 tokens (4
+    # events), so the first chunk waits for the second; the answers must not change.
+    deferring = PruneConfig(metric="overlap", threshold=TAU, top_k=TOP_K, w_drop=0.25,
+                            w_base=0.0)  # fmt: skip
+    outcomes = []
+    for defer in (True, False):
+        scorer = ChunkScorer(teacher, groups, deferring, vocab_size=VOCAB_SIZE)
+        if not defer:
+            scorer._may_defer = lambda chunk: False
+        out = engine.generate(PROMPTS, max_new_tokens=NUM_NEW, seed=9, chunk_listener=scorer)
+        scorer.fill_batch(out)
+        scorer.fill_scores(out)
+        fields = {name: getattr(out, name) for name in ("weights", *SCORE_FIELDS[4:8])}
+        outcomes.append((out.response_lengths.tolist(), scorer.stopped_early.tolist(),
+                         scorer.chunks_scored, scorer.chunks_deferred,
+                         fields if groups.is_last_stage else None))  # fmt: skip
+    res["deferred"] = outcomes
+
     # The release's w_base = 0.5: released mode never stops; truncate mode ends each
     # response at its stop point (online), and the full-sequence rule cuts the same tokens.
     for mode in ("released", "truncate"):
@@ -530,6 +548,24 @@ def test_chunked_online_stop_equals_full_scoring(runs, layout):
         assert any(n < NUM_NEW for n in stopped)
         assert any(at_eos and n % 3 != 0 for n, at_eos in zip(lengths, ended_at_eos))
         assert any(why == 0 for why in res["stop_reason"])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_deferred_chunks_change_no_answer(runs, layout):
+    """A chunk after which no row can stop is read with the next one: fewer teacher
+    forwards, the same stops, lengths, weights and teacher scores as reading each chunk."""
+    for res in runs[1][layout]:
+        deferred, every_chunk = res["deferred"]
+        assert deferred[:2] == every_chunk[:2]  # lengths, stopped early
+        assert any(every_chunk[1]) and any(n < NUM_NEW for n in every_chunk[0])
+        assert every_chunk[3] == 0
+        if layout == "pp2":  # the stopper lives on the last stage: no deferral
+            assert deferred[2:4] == every_chunk[2:4]
+        else:
+            assert deferred[3] > 0 and deferred[2] + deferred[3] == every_chunk[2]
+        if res["last"]:
+            for name, value in deferred[4].items():
+                torch.testing.assert_close(value, every_chunk[4][name], atol=2e-5, rtol=0)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -118,6 +118,24 @@ class OnlineStopper:
         """``[r]`` bool for the samples ``sample_index`` (the rows still running)."""
         return self.should_stop[sample_index]
 
+    def could_stop_within(self, tokens: int, sample_index: torch.Tensor) -> bool:
+        """Whether any of the samples ``sample_index [r]`` could reach a stop point within
+        its next ``tokens`` columns: the stop rules applied to the worst case, every
+        column valid and a drift event (every rule is monotone in the events)."""
+        if not self.rule.can_stop or tokens <= 0 or sample_index.numel() == 0:
+            return False
+        index = sample_index.to(device=self.num_bad_events.device, dtype=torch.int64)
+        worst = torch.ones(index.numel(), tokens, dtype=torch.bool, device=index.device)
+        out = chunk_weights(
+            worst,
+            worst,
+            self.rule,
+            count_before=self.num_bad_events[index],
+            run_before=self.consecutive_bad[index],
+            stopped_before=self.should_stop[index],
+        )
+        return bool(out.stop_here.any())
+
     def update(
         self,
         bad_events: torch.Tensor,

@@ -18,6 +18,18 @@ ids the engine recorded, and feeds them to an
 :class:`~megatron_opd.prune.online_stop.OnlineStopper`. The stopper's answer is decided
 on the last pipeline stage and broadcast over the pipeline group.
 
+Deferred chunks. A chunk after which no running sample could reach a stop point, even if
+every one of its tokens were a drift event (:meth:`~megatron_opd.prune.online_stop.
+OnlineStopper.could_stop_within`), is not scored when it arrives: the teacher reads it
+together with the next chunk, in one forward instead of two (each forward has a fixed
+cost, which made the chunked teacher ~1.6x a whole-sequence pass at 16-token chunks on
+CPU). The stop decisions are the same as scoring every chunk (a stop could not have
+happened in a deferred chunk); a chunk in which a row finished, and any chunk under
+pipeline parallelism (where the stopper lives on the last stage only), is scored at once.
+With a small ``w_drop`` the first ``~1 / w_drop`` tokens are read in one forward; with
+``online_stop`` off, the whole response is. ``chunks_scored`` and ``chunks_deferred``
+count both per call.
+
 The weights it accumulates equal those of scoring the finished rollout as a whole
 (:func:`~megatron_opd.scoring.score_rollouts` + ``reliability_weights``): same top-K op,
 same integer drift counts. :meth:`ChunkScorer.fill_batch` writes them into the batch.
@@ -89,6 +101,11 @@ class ChunkScorer:
         self._rows: torch.Tensor | None = None
         self._pending: torch.Tensor | None = None
         self._prompt: torch.Tensor | None = None
+        self._deferred: GenerationChunk | None = None
+        self.chunks_scored = 0
+        """Teacher forwards over generated chunks since the call began (all blocks)."""
+        self.chunks_deferred = 0
+        """Chunks left for the next forward since the call began (module docstring)."""
 
     def start(self, prompts: PromptBlock) -> None:
         """Prefill the teacher with the block's prompts (a new call resets the stopper)."""
@@ -98,6 +115,7 @@ class ChunkScorer:
                 prompts.num_samples, self.config, device=device
             )
             self.stopped_early = torch.zeros(prompts.num_samples, dtype=torch.bool, device=device)
+            self.chunks_scored = self.chunks_deferred = 0
             self._overlap = []
             self._records = []
         tokens = prompts.prompt_tokens.to(device)
@@ -115,6 +133,7 @@ class ChunkScorer:
         )  # fmt: skip
         self._pending = None
         self._prompt = None
+        self._deferred = None
         if isinstance(self._decoder, LeanDecoder):
             # The lean decoder prefills the prompt together with the first chunk (one
             # forward fewer), projecting only the columns that predict chunk tokens.
@@ -145,6 +164,13 @@ class ChunkScorer:
                 f"{chunk.sample_index.tolist()} but its teacher cache holds {block_ids.tolist()};"
                 " pass the same ChunkScorer to every generate call from its start"
             )
+        if self._deferred is not None:
+            chunk, self._deferred = _joined(self._deferred, chunk), None
+        if self._may_defer(chunk):
+            self._deferred = chunk
+            self.chunks_deferred += 1
+            return torch.zeros(chunk.tokens.shape[0], dtype=torch.bool, device=device)
+        self.chunks_scored += 1
         tokens = chunk.tokens.to(device)
         if self._prompt is not None:  # first chunk of a lean block: prompt + chunk at once
             p = self._prompt.shape[1]
@@ -170,6 +196,14 @@ class ChunkScorer:
             if self._pending is not None:
                 self._pending = self._pending[keep]
         return stop
+
+    def _may_defer(self, chunk: GenerationChunk) -> bool:
+        """Whether ``chunk`` (all tokens not yet read) can wait for the next one."""
+        if self.groups.pp_size > 1 or bool(chunk.finished.any()):
+            return False
+        if not self.config.online_stop:
+            return True
+        return not self.stopper.could_stop_within(chunk.tokens.shape[1], chunk.sample_index)
 
     def _score(self, chunk: GenerationChunk, predictions: torch.Tensor) -> torch.Tensor:
         """Teacher top-K of the chunk's predictions ``[r, c, V]``, drift events, stopper."""
@@ -264,6 +298,21 @@ class ChunkScorer:
         if self._overlap:
             batch.overlap_ratio = _at_batch_columns(self._overlap, batch)["overlap_ratio"]
         return batch
+
+
+def _joined(first: GenerationChunk, second: GenerationChunk) -> GenerationChunk:
+    """One chunk of ``first`` (deferred: no row finished in it) and the next one."""
+    topk = None
+    if first.student_topk_ids is not None:
+        topk = torch.cat([first.student_topk_ids, second.student_topk_ids], dim=1)
+    return GenerationChunk(
+        sample_index=first.sample_index,
+        start=first.start,
+        tokens=torch.cat([first.tokens, second.tokens], dim=1),
+        lengths=first.lengths + second.lengths,
+        finished=second.finished,
+        student_topk_ids=topk,
+    )
 
 
 def _at_batch_columns(records, batch: RolloutBatch) -> dict[str, torch.Tensor]:

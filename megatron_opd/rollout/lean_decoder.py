@@ -31,6 +31,8 @@ Tests compare its logits with Megatron's training forward at TP=1 and TP=2.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -116,6 +118,38 @@ def _norm(module: torch.nn.Module | None):
     return None
 
 
+class _Layer(NamedTuple):
+    """One transformer layer's tensors and norms, looked up once per decoder (a decode
+    step then reads no module attribute: those lookups were a fifth of its fixed cost)."""
+
+    input_norm: Callable | None
+    qkv: tuple[torch.Tensor, torch.Tensor | None]
+    q_norm: Callable | None
+    k_norm: Callable | None
+    proj: tuple[torch.Tensor, torch.Tensor | None]
+    mlp_norm: Callable | None
+    fc1: tuple[torch.Tensor, torch.Tensor | None]
+    fc2: tuple[torch.Tensor, torch.Tensor | None]
+
+
+def _layer_plan(layer) -> _Layer:
+    attention, mlp = layer.self_attention, layer.mlp
+
+    def linear(module):
+        return module.weight, getattr(module, "bias", None)
+
+    return _Layer(
+        input_norm=_norm(layer.input_layernorm),
+        qkv=linear(attention.linear_qkv),
+        q_norm=_norm(attention.q_layernorm),
+        k_norm=_norm(attention.k_layernorm),
+        proj=linear(attention.linear_proj),
+        mlp_norm=_norm(layer.pre_mlp_layernorm),
+        fc1=linear(mlp.linear_fc1),
+        fc2=linear(mlp.linear_fc2),
+    )
+
+
 class LeanDecoder:
     """KV-cached forward of this rank's GPTModel (one pipeline stage) for ``rows`` rows.
 
@@ -174,6 +208,8 @@ class LeanDecoder:
         self.values = [torch.empty_like(k) for k in self.keys]
         self.offset = 0
         """Columns already in the cache (every running row is at the same column)."""
+        self.layers = [_layer_plan(layer) for layer in gpt.decoder.layers]
+        self.final_norm = _norm(gpt.decoder.final_layernorm)
 
     # ---------------------------------------------------------------- pieces
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,20 +237,18 @@ class LeanDecoder:
         first, second = x.chunk(2, dim=-1)
         return x * cos + torch.cat((-second, first), dim=-1) * sin
 
-    def _attention(self, layer, x, index, cos, sin, mask) -> torch.Tensor:
+    def _attention(self, layer: _Layer, x, index, cos, sin, mask) -> torch.Tensor:
         """Self-attention of ``x [a, s, h]`` (normed) against the cache of layer ``index``."""
-        attention = layer.self_attention
         a, s, _ = x.shape
         ng, npg, d = self.num_groups, self.per_group, self.head_dim
-        qkv = F.linear(x, attention.linear_qkv.weight, attention.linear_qkv.bias)
+        qkv = F.linear(x, *layer.qkv)
         qkv = qkv.view(a, s, ng, npg + 2, d)
         query = qkv[:, :, :, :npg].reshape(a, s, ng * npg, d)
         key, value = qkv[:, :, :, npg], qkv[:, :, :, npg + 1]  # [a, s, ng, d]
-        q_norm, k_norm = _norm(attention.q_layernorm), _norm(attention.k_layernorm)
-        if q_norm is not None:
-            query = q_norm(query)
-        if k_norm is not None:
-            key = k_norm(key)
+        if layer.q_norm is not None:
+            query = layer.q_norm(query)
+        if layer.k_norm is not None:
+            key = layer.k_norm(key)
         query, key = self._rope(query, cos, sin), self._rope(key, cos, sin)
         end = self.offset + s
         if self.use_cache:
@@ -231,20 +265,20 @@ class LeanDecoder:
             query, keys[:a, :, :end], values[:a, :, :end], attn_mask=mask, scale=self.scale
         )
         out = out.view(a, ng, npg, s, d).permute(0, 3, 1, 2, 4).reshape(a, s, ng * npg * d)
-        proj = attention.linear_proj
-        out = self._reduce(F.linear(out, proj.weight))
-        return out if proj.bias is None else out + proj.bias
+        weight, bias = layer.proj
+        out = self._reduce(F.linear(out, weight))
+        return out if bias is None else out + bias
 
-    def _mlp(self, mlp, x: torch.Tensor) -> torch.Tensor:
-        hidden = F.linear(x, mlp.linear_fc1.weight, mlp.linear_fc1.bias)
+    def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
+        hidden = F.linear(x, *layer.fc1)
         if self.gated:
             gate, up = hidden.chunk(2, dim=-1)
             hidden = self.activation(gate) * up
         else:
             hidden = self.activation(hidden)
-        fc2 = mlp.linear_fc2
-        out = self._reduce(F.linear(hidden, fc2.weight))
-        return out if fc2.bias is None else out + fc2.bias
+        weight, bias = layer.fc2
+        out = self._reduce(F.linear(hidden, weight))
+        return out if bias is None else out + bias
 
     def _logits(self, x: torch.Tensor, gather: bool = True) -> torch.Tensor:
         gpt = self.gpt
@@ -306,14 +340,14 @@ class LeanDecoder:
         cos = self.cos[positions][:, :, None]  # [a, s, 1, rot]
         sin = self.sin[positions][:, :, None]
         x = self._embed(tokens).to(self.dtype)
-        for index, layer in enumerate(self.gpt.decoder.layers):
-            x = x + self._attention(layer, _norm(layer.input_layernorm)(x), index, cos, sin, mask)
-            x = x + self._mlp(layer.mlp, _norm(layer.pre_mlp_layernorm)(x))
+        for index, layer in enumerate(self.layers):
+            normed = x if layer.input_norm is None else layer.input_norm(x)
+            x = x + self._attention(layer, normed, index, cos, sin, mask)
+            x = x + self._mlp(layer, x if layer.mlp_norm is None else layer.mlp_norm(x))
         self.offset = end
         x = x[:, -1:] if last_only else x[:, logits_from:]
-        final = _norm(self.gpt.decoder.final_layernorm)
-        if final is not None:
-            x = final(x)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
         if vocab_parallel:
             return self._logits(x, gather=False)
         return self._logits(x).float()

@@ -369,6 +369,7 @@ class Trainer:
             batch.answers = [answers[i] for i in batch.prompt_index.tolist()]
             if listener is not None:
                 batch.extras["stopped_early"] = listener.stopped_early.clone()
+                batch.extras["chunk_forwards"] = (listener.chunks_scored, listener.chunks_deferred)
                 # The teacher already read every generated token chunk by chunk: its scores
                 # are kept, and scoring runs only the student (fused teacher scoring).
                 listener.fill_scores(batch)
@@ -542,7 +543,9 @@ class Trainer:
     ) -> dict[str, float]:
         groups = self.groups
         metrics = {"loss": loss_sum / max(num_tokens, 1.0)}
-        values = torch.zeros(10, dtype=torch.float64, device=groups.platform.device)
+        values = torch.zeros(12, dtype=torch.float64, device=groups.platform.device)
+        # The chunked online stop's teacher forwards and deferred chunks (0 without it).
+        values[10:12] = torch.tensor(batch.extras.get("chunk_forwards", (0, 0)), dtype=values.dtype)
         if groups.is_last_stage:
             valid = batch.response_mask().to(batch.overlap_ratio.device)
             num_valid = valid.sum()
@@ -590,6 +593,8 @@ class Trainer:
             trimmed_fraction=1.0 - float(values[4]) / valid_tokens,
             reverse_kl=float(values[8]) / valid_tokens,
             reverse_kl_topk=float(values[9]) / valid_tokens,
+            teacher_chunk_forwards=float(values[10]),
+            chunks_deferred=float(values[11]),
         )
         return metrics
 
