@@ -29,7 +29,12 @@ Arms (each its own process, run alternately ``--repeats`` times; medians over st
   and the chunked online stop (``rollout.chunk_size=16``, teacher scored chunk by chunk,
   fused teacher scoring). ``w_drop`` is set so low that no sample can stop within
   ``--new`` tokens: the arm generates exactly the plain arm's tokens, so its extra cost
-  is the price of the online stop at equal generated tokens.
+  is the price of the online stop at equal generated tokens. Here the scorer knows no
+  stop is possible and defers every chunk to one teacher forward at the end
+  (:mod:`megatron_opd.rollout.chunk_scorer`): the price when the stop cannot fire.
+- ``ours_prune_every_chunk`` (``--prune``): the same with deferral switched off in this
+  process (``ChunkScorer._may_defer``), so every chunk is read on its own: the price
+  when a stop is possible at every chunk (a larger ``w_drop``), at equal tokens.
 
 Phases. TRL: ``generate`` (``transformers.generate``), ``score`` (the teacher's no-grad
 forward inside the loss), ``train`` (the rest of the step: the student's forward, the
@@ -239,7 +244,7 @@ def _ours_overrides(spec: dict, arm: str) -> list[str]:
     if arm == "ours_exact_kl":
         overrides += ["loss.kind=topk_reverse_kl", "loss.tail_bucket=false",
                       f"prune.top_k={spec['vocab']}"]  # fmt: skip
-    if arm == "ours_prune":
+    if arm.startswith("ours_prune"):
         # Truncate mode with the chunked online stop; w_drop so low that the weight never
         # reaches 0 within the response: equal tokens to the plain arm.
         overrides += ["prune.enable=true", "prune.mode=truncate", "prune.online_stop=true",
@@ -264,6 +269,10 @@ def _ours_arm(spec: dict, arm: str) -> list[dict]:
     from megatron_opd.training.trainer import Trainer
 
     apply_cpu_compat()
+    if arm == "ours_prune_every_chunk":
+        from megatron_opd.rollout.chunk_scorer import ChunkScorer
+
+        ChunkScorer._may_defer = lambda self, chunk: False  # read every chunk on its own
     config = build_config(OPDConfig, merge_overrides({}, _ours_overrides(spec, arm)))
     groups = init_distributed(config.parallel, seed=config.training.seed)
     torch.set_num_threads(spec["threads"])
@@ -278,7 +287,8 @@ def _ours_arm(spec: dict, arm: str) -> list[dict]:
     return [
         {"step": h["time_step_wall_s"], "generate": h["time_rollout_s"],
          "score": h["time_score_s"], "prune": h["time_prune_s"], "train": h["time_train_s"],
-         "tokens": h["tokens_generated"], "stopped": h.get("samples_stopped", 0.0)}
+         "tokens": h["tokens_generated"], "stopped": h.get("samples_stopped", 0.0),
+         "forwards": h.get("teacher_chunk_forwards", 0.0)}
         for h in history
     ]  # fmt: skip
 
@@ -331,7 +341,8 @@ def main() -> None:
         return
     if args.quick:
         args.new, args.steps, args.first_step, args.repeats = 16, 4, 2, 1
-    arms = ["trl", "ours", "ours_exact_kl"] + (["ours_prune"] if args.prune else [])
+    arms = ["trl", "ours", "ours_exact_kl"]
+    arms += ["ours_prune", "ours_prune_every_chunk"] if args.prune else []
     if args.arms:
         arms = args.arms.split(",")
     print(f"load average before: {_load()}", flush=True)
@@ -352,48 +363,52 @@ def main() -> None:
         f"V={args.vocab}, student {STUDENT}, teacher {TEACHER}, fp32, {args.threads} threads; "
         f"medians of steps {first}-{args.steps} over {args.repeats} alternated repeat(s)"
     )
-    print(f"{'arm':<14} {'step s':>8} {'generate':>9} {'score':>8} {'prune':>7} {'train':>8} "
-          f"{'gen tok/s':>10} {'tokens':>7}")  # fmt: skip
+    print(f"{'arm':<22} {'step s':>8} {'generate':>9} {'score':>8} {'prune':>7} {'train':>8} "
+          f"{'gen tok/s':>10} {'tokens':>7} {'teacher chunk fwd':>18}")  # fmt: skip
     med: dict[str, dict[str, float]] = {}
     for arm in arms:
         keys = ("step", "generate", "score", "train", "tokens") + (
-            ("prune",) if arm != "trl" else ()
+            ("prune", "forwards") if arm != "trl" else ()
         )
         med[arm] = {key: _median(runs[arm], key, first) for key in keys}
         m = med[arm]
-        print(f"{arm:<14} {m['step']:>8.3f} {m['generate']:>9.3f} {m['score']:>8.3f} "
+        print(f"{arm:<22} {m['step']:>8.3f} {m['generate']:>9.3f} {m['score']:>8.3f} "
               f"{m.get('prune', 0.0):>7.3f} {m['train']:>8.3f} "
-              f"{m['tokens'] / m['generate']:>10.0f} {m['tokens']:>7.0f}")  # fmt: skip
+              f"{m['tokens'] / m['generate']:>10.0f} {m['tokens']:>7.0f} "
+              f"{m.get('forwards', 0.0):>18.0f}")  # fmt: skip
     print(f"load average after: {_load()}")
-    if "trl" not in med:
-        return
-    trl = med["trl"]
-    print("\nratios (ours / TRL; phase ratios for orientation)")
-    for arm in (a for a in arms if a != "trl"):
-        m = med[arm]
-        print(f"  {arm:<14} step {m['step'] / trl['step']:.2f}x | generate "
-              f"{m['generate'] / trl['generate']:.2f}x | score {m['score'] / trl['score']:.2f}x"
-              f" | train {m['train'] / trl['train']:.2f}x")  # fmt: skip
     print("\ntargets")
-    for arm in ("ours", "ours_exact_kl"):
-        if arm in med:
-            ratio = med[arm]["step"] / trl["step"]
-            verdict = "PASS" if ratio <= TARGETS[arm] else "MISS"
-            print(f"  {verdict} {arm} step / TRL step = {ratio:.2f}x (target <= {TARGETS[arm]}x)")
-    if "ours" in med:
-        ours_rate = med["ours"]["tokens"] / med["ours"]["generate"]
-        trl_rate = trl["tokens"] / trl["generate"]
-        verdict = "PASS" if ours_rate >= trl_rate else "MISS"
-        print(f"  {verdict} generation {ours_rate:.0f} tok/s vs TRL {trl_rate:.0f} tok/s "
-              f"({ours_rate / trl_rate:.2f}x, target >= 1.0x)")  # fmt: skip
-    if "ours_prune" in med and "ours" in med:
-        prune, plain = med["ours_prune"], med["ours"]
+    trl = med.get("trl")
+    if trl is not None:
+        for arm in (a for a in arms if a != "trl"):
+            m = med[arm]
+            print(f"  ({arm}: step {m['step'] / trl['step']:.2f}x TRL's | generate "
+                  f"{m['generate'] / trl['generate']:.2f}x | score "
+                  f"{m['score'] / trl['score']:.2f}x | "
+                  f"train {m['train'] / trl['train']:.2f}x)")  # fmt: skip
+        for arm in ("ours", "ours_exact_kl"):
+            if arm in med:
+                ratio = med[arm]["step"] / trl["step"]
+                verdict = "PASS" if ratio <= TARGETS[arm] else "MISS"
+                print(f"  {verdict} {arm} step / TRL step = {ratio:.2f}x "
+                      f"(target <= {TARGETS[arm]}x)")  # fmt: skip
+        if "ours" in med:
+            ours_rate = med["ours"]["tokens"] / med["ours"]["generate"]
+            trl_rate = trl["tokens"] / trl["generate"]
+            verdict = "PASS" if ours_rate >= trl_rate else "MISS"
+            print(f"  {verdict} generation {ours_rate:.0f} tok/s vs TRL {trl_rate:.0f} tok/s "
+                  f"({ours_rate / trl_rate:.2f}x, target >= 1.0x)")  # fmt: skip
+    for arm in ("ours_prune", "ours_prune_every_chunk"):
+        if arm not in med or "ours" not in med:
+            continue
+        prune, plain = med[arm], med["ours"]
         ratio = prune["step"] / plain["step"]
         equal = prune["tokens"] == plain["tokens"]
         verdict = "PASS" if ratio <= TARGETS["online_stop"] and equal else "MISS"
-        print(f"  {verdict} online stop: step {ratio:.2f}x plain OPD's at "
+        print(f"  {verdict} online stop ({arm}): step {ratio:.2f}x plain OPD's at "
               f"{'equal' if equal else 'UNEQUAL'} generated tokens ({prune['tokens']:.0f} vs "
-              f"{plain['tokens']:.0f}; target <= {TARGETS['online_stop']:.2f}x)")  # fmt: skip
+              f"{plain['tokens']:.0f}), {prune['forwards']:.0f} teacher chunk forwards per "
+              f"step; target <= {TARGETS['online_stop']:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":
