@@ -396,3 +396,16 @@ def test_resume_drops_the_records_of_steps_after_the_checkpoint(tmp_path):
         (1, 1.0, None), (2, 2.0, None), (2, None, 0.5),
         (3, 30.0, None), (4, 40.0, None), (5, 50.0, None), (6, 60.0, None),
     ]  # fmt: skip
+
+
+def test_the_progress_bar_shows_what_the_mechanisms_did_when_they_did_something(tmp_path, capsys):
+    from megatron_opd.training.metrics_logger import MetricsLogger
+
+    log = MetricsLogger(tmp_path, total_steps=2, tensorboard=False)
+    counters = {"samples_stopped": 3.0, "tokens_trimmed": 0.0, "chunks_deferred": 5.0}
+    log.log(1, {"loss": 0.5, **counters})
+    log._bar.refresh()
+    line = capsys.readouterr().err.splitlines()[-1]  # tqdm redraws the line with \r
+    log.close()
+    assert "samples_stopped=3" in line and "chunks_deferred=5" in line
+    assert "tokens_trimmed" not in line  # 0: nothing to show

@@ -25,6 +25,8 @@ _CONSOLE_KEYS = (
     "loss", "overlap_ratio_mean", "bad_event_rate", "effective_length_mean", "budget",
     "reward_accuracy", "time_step_s",
 )  # fmt: skip
+_COUNTER_KEYS = ("samples_stopped", "tokens_trimmed", "teacher_chunk_forwards", "chunks_deferred")
+"""What the Prune-OPD mechanisms did this step: on the console when not 0."""
 
 
 class MetricsLogger:
@@ -109,6 +111,7 @@ class MetricsLogger:
         clean = self._write(step, metrics)
         if self._bar is not None:
             shown = {k: f"{clean[k]:.4g}" for k in _CONSOLE_KEYS if k in clean}
+            shown.update({k: f"{clean[k]:.0f}" for k in _COUNTER_KEYS if clean.get(k)})
             self._bar.set_postfix(shown, refresh=False)
             self._bar.update(1)
 
