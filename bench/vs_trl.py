@@ -26,12 +26,13 @@ Arms (each its own process, run alternately ``--repeats`` times; medians over st
 - ``ours_exact_kl``: megatron-opd with ``loss.kind=topk_reverse_kl`` over every id
   (``prune.top_k = V``, no tail bucket): the exact full-vocabulary reverse KL, TRL's loss.
 - ``ours_prune`` (``--prune``): the default loss with Prune-OPD on: ``prune.mode=truncate``
-  and the chunked online stop (``rollout.chunk_size=16``, teacher scored chunk by chunk,
-  fused teacher scoring). ``w_drop`` is set so low that no sample can stop within
-  ``--new`` tokens: the arm generates exactly the plain arm's tokens, so its extra cost
-  is the price of the online stop at equal generated tokens. Here the scorer knows no
-  stop is possible and defers every chunk to one teacher forward at the end
-  (:mod:`megatron_opd.rollout.chunk_scorer`): the price when the stop cannot fire.
+  and the chunked online stop (``rollout.chunk_size=16``, ``--chunk`` to change it;
+  teacher scored chunk by chunk, fused teacher scoring). ``w_drop`` is set so low that
+  no sample can stop within ``--new`` tokens: the arm generates exactly the plain arm's
+  tokens, so its extra cost is the price of the online stop at equal generated tokens.
+  Here the scorer knows no stop is possible and defers every chunk to one teacher
+  forward at the end (:mod:`megatron_opd.rollout.chunk_scorer`): the price when the stop
+  cannot fire.
 - ``ours_prune_every_chunk`` (``--prune``): the same with deferral switched off in this
   process (``ChunkScorer._may_defer``), so every chunk is read on its own: the price
   when a stop is possible at every chunk (a larger ``w_drop``), at equal tokens.
@@ -248,7 +249,8 @@ def _ours_overrides(spec: dict, arm: str) -> list[str]:
         # Truncate mode with the chunked online stop; w_drop so low that the weight never
         # reaches 0 within the response: equal tokens to the plain arm.
         overrides += ["prune.enable=true", "prune.mode=truncate", "prune.online_stop=true",
-                      "rollout.chunk_size=16", f"prune.w_drop={0.5 / spec['new']}"]  # fmt: skip
+                      f"rollout.chunk_size={spec.get('chunk', 16)}",
+                      f"prune.w_drop={0.5 / spec['new']}"]  # fmt: skip
     return overrides
 
 
@@ -332,6 +334,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke: 4 steps x 16 tokens")
     parser.add_argument("--arms", default=None, help="comma list (default: all that apply)")
     for name, default in (("rows", 8), ("new", 128), ("steps", 20), ("first-step", 3),
+                          ("chunk", 16),
                           ("repeats", 2), ("threads", 2), ("vocab", 512), ("seed", 0)):  # fmt: skip
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -350,6 +353,7 @@ def main() -> None:
         work = build_work(Path(tmp), vocab=args.vocab, num_prompts=max(64, args.rows * args.steps),
                           seed=args.seed)  # fmt: skip
         spec = {**work, "rows": args.rows, "new": args.new, "steps": args.steps,
+                "chunk": args.chunk,
                 "threads": args.threads, "vocab": args.vocab, "seed": args.seed}  # fmt: skip
         runs: dict[str, list] = {arm: [] for arm in arms}
         for repeat in range(args.repeats):
