@@ -5,7 +5,8 @@ Gathering them (``[a, V]`` per rank per decode step) and sampling the whole row 
 rank the whole vocabulary's work plus the all-gather. :func:`vocab_parallel_sample_step`
 keeps each rank's work to its shard's (one exact top-K, one ``exp``-and-sum pass, and a
 draw that usually stays within the top 16; the floor it is measured against in
-``bench/rollout_bench.py``) and makes ONE collective per step, a ``[a, 2k + 4]`` all-gather.
+``bench/rollout_bench.py``) and makes ONE collective per step, a ``[a, 2k + 4]`` all-gather
+(``[a, 4]`` when no top-K is recorded), float32 while the ids fit in its mantissa.
 
 The draw is two-stage: shard ``r`` holds probability mass ``M_r = s_r exp(m_r - lse)``
 (``m_r`` its row max, ``s_r = sum exp(x - m_r)``), and every rank draws the same uniforms
@@ -84,8 +85,10 @@ def vocab_parallel_sample_step(
         exp = torch.sub(scaled, shift, out=workspace[:rows, :valid]).exp_()
     blocks = block_sums(exp)  # the draw's tail search reads them; their sum is s_r
     sums = blocks.sum(dim=-1, keepdim=True)
+    # float32 carries every value here exactly, and the ids while they stay below 2**24.
+    dtype = torch.float32 if local * size <= 2**24 else torch.float64
     # 1. This shard's candidate (greedy: the merged top-1 decides, no draw).
-    candidate = torch.zeros(rows, 2, dtype=torch.float64, device=x.device)
+    candidate = torch.zeros(rows, 2, dtype=dtype, device=x.device)
     if temperature:
         u = torch.rand(rows, 1 + size, generator=generator, device=x.device)
         if valid:
@@ -94,25 +97,26 @@ def vocab_parallel_sample_step(
             )
             candidate[:, 0] = columns + start
             candidate[:, 1] = scaled.gather(1, columns[:, None])[:, 0]
-    # 2. One exchange: top-k values and ids, row max, sum exp(x - max), candidate.
-    payload = torch.cat(
-        [values.double(), ids.double(), row_max.double(), sums.double(), candidate],
-        dim=1,
-    )
+    # 2. One exchange: row max, sum exp(x - max), candidate, and the top-k values and ids
+    # when the global top-k is needed (greedy, or a recorded top-K).
+    sent = k if top_k or not temperature else 0
+    parts = [row_max, sums, candidate, values[:, :sent], ids[:, :sent]]
+    payload = torch.cat([part.to(dtype) for part in parts], dim=1)
     table = payload.new_empty(size * rows, payload.shape[1])
     dist.all_gather_into_tensor(table, payload, group=tp_group)
-    table = table.view(size, rows, -1)  # [TP, a, 2k + 4]
+    table = table.view(size, rows, -1)  # [TP, a, 4 + 2 * sent]
     # 3. The same merge and choice on every rank.
-    maxes, sums = table[:, :, 2 * k].float(), table[:, :, 2 * k + 1].float()
+    maxes, sums = table[:, :, 0].float(), table[:, :, 1].float()
     lse = combine_logsumexp(maxes, sums)[:, None]  # [a, 1]
-    all_values = table[:, :, :k].permute(1, 0, 2).reshape(rows, size * k).float()
-    all_ids = table[:, :, k : 2 * k].permute(1, 0, 2).reshape(rows, size * k).long()
-    values, ids = merge_topk(all_values, all_ids, k)
+    if sent:
+        all_values = table[:, :, 4 : 4 + sent].permute(1, 0, 2).reshape(rows, size * sent)
+        all_ids = table[:, :, 4 + sent :].permute(1, 0, 2).reshape(rows, size * sent)
+        values, ids = merge_topk(all_values.float(), all_ids.long(), sent)
     if temperature:
         mass = (sums * (maxes - lse[:, 0]).exp()).nan_to_num_(0.0).cumsum_(dim=0)  # [TP, a]
         target = torch.minimum(u[:, 0], mass[-1] * (1 - 1e-6))
         owner = (mass <= target).sum(dim=0).clamp_(max=size - 1)  # first shard past u
-        chosen = table[:, :, 2 * k + 2 :].gather(0, owner[None, :, None].expand(1, rows, 2))[0]
+        chosen = table[:, :, 2:4].gather(0, owner[None, :, None].expand(1, rows, 2))[0]
         next_ids, picked = chosen[:, 0].long(), chosen[:, 1].float()
     else:
         next_ids, picked = ids[:, 0], values[:, 0]
