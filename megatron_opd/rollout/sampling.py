@@ -175,25 +175,6 @@ def tail_pick(probs: torch.Tensor, rest: torch.Tensor) -> tuple[torch.Tensor, to
     return block_pick(probs, block_sums(probs), everyone, rest)
 
 
-def head_pick(
-    values: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor, u: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The head part of :func:`draw`: ``(ids [a], column [a, 1], mass [a, 1], tail [t])``.
-
-    ``values``/``ids`` ``[a, h]`` are the head (exact top-``h`` order), ``lse`` and the
-    uniforms ``u`` ``[a, 1]``. Each row gets the head id whose cumulative probability
-    first exceeds ``u`` (``column`` is its place in the head); ``tail`` lists the rows
-    whose ``u`` is past the head's ``mass`` (their id is still to be drawn).
-    """
-    head_cdf = (values - lse).exp().cumsum(dim=-1)
-    mass = head_cdf[:, -1:]
-    # right=True: the first id whose cumulative probability exceeds u (never a 0-prob id).
-    column = torch.searchsorted(head_cdf, torch.minimum(u, mass * (1 - 1e-6)), right=True)
-    column = column.clamp(max=values.shape[1] - 1)
-    tail = (u[:, 0] >= mass[:, 0]).nonzero()[:, 0]
-    return ids.gather(1, column)[:, 0], column, mass, tail
-
-
 def draw(
     scores: torch.Tensor,
     generator: torch.Generator | None,
@@ -240,7 +221,12 @@ def draw(
         lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     if u is None:
         u = torch.rand(rows, 1, generator=generator, dtype=scores.dtype, device=scores.device)
-    out, _, mass, tail = head_pick(values, ids, lse, u)
+    head_cdf = (values - lse).exp().cumsum(dim=-1)
+    mass = head_cdf[:, -1:]
+    # right=True: the first id whose cumulative probability exceeds u (never a 0-prob id).
+    pick = torch.searchsorted(head_cdf, torch.minimum(u, mass * (1 - 1e-6)), right=True)
+    out = ids.gather(1, pick.clamp(max=h - 1))[:, 0]
+    tail = (u[:, 0] >= mass[:, 0]).nonzero()[:, 0]
     if h < width and tail.numel():
         if shifted is not None and width > TAIL_BLOCK:
             # Probabilities times the row sum: scale the target instead of the row. When
