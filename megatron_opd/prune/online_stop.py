@@ -126,15 +126,18 @@ class OnlineStopper:
             return False
         index = sample_index.to(device=self.num_bad_events.device, dtype=torch.int64)
         worst = torch.ones(index.numel(), tokens, dtype=torch.bool, device=index.device)
-        out = chunk_weights(
-            worst,
-            worst,
+        return bool(self._continued(worst, worst, index).stop_here.any())
+
+    def _continued(self, bad: torch.Tensor, valid: torch.Tensor, sample_index: torch.Tensor):
+        """:func:`chunk_weights` of ``[r, c]`` columns after the samples' state so far."""
+        return chunk_weights(
+            bad,
+            valid,
             self.rule,
-            count_before=self.num_bad_events[index],
-            run_before=self.consecutive_bad[index],
-            stopped_before=self.should_stop[index],
+            count_before=self.num_bad_events[sample_index],
+            run_before=self.consecutive_bad[sample_index],
+            stopped_before=self.should_stop[sample_index],
         )
-        return bool(out.stop_here.any())
 
     def update(
         self,
@@ -179,14 +182,7 @@ class OnlineStopper:
             )
         valid = valid_mask.bool().to(sample_index.device)
         bad = bad_events.bool().to(sample_index.device) & valid
-        out = chunk_weights(
-            bad,
-            valid,
-            self.rule,
-            count_before=self.num_bad_events[sample_index],
-            run_before=self.consecutive_bad[sample_index],
-            stopped_before=self.should_stop[sample_index],
-        )
+        out = self._continued(bad, valid, sample_index)
         columns = torch.arange(bad.shape[1], device=bad.device)
         first_stop = torch.where(out.stop_here, columns, -1).amax(dim=-1) if bad.shape[1] else None
         if first_stop is not None:

@@ -22,8 +22,8 @@ Deferred chunks. A chunk after which no running sample could reach a stop point,
 every one of its tokens were a drift event (:meth:`~megatron_opd.prune.online_stop.
 OnlineStopper.could_stop_within`), is not scored when it arrives: the teacher reads it
 together with the next chunk, in one forward instead of two (each forward has a fixed
-cost, which made the chunked teacher ~1.6x a whole-sequence pass at 16-token chunks on
-CPU). The stop decisions are the same as scoring every chunk (a stop could not have
+cost: eight 16-token forwards of the CPU test teacher cost ~1.8x one 128-token
+forward). The stop decisions are the same as scoring every chunk (a stop could not have
 happened in a deferred chunk); a chunk in which a row finished, and any chunk under
 pipeline parallelism (where the stopper lives on the last stage only), is scored at once.
 With a small ``w_drop`` the first ``~1 / w_drop`` tokens are read in one forward; with

@@ -27,8 +27,8 @@ Parallelism (process groups come from :class:`ParallelGroups`, never from global
 
 - TP: on the lean path with ``top_p = 1`` (the default) each TP rank keeps its
   ``[a, V / TP]`` logits and the ranks draw together
-  (:mod:`megatron_opd.rollout.vocab_parallel_sampling`: one small all-gather per step,
-  one small all-reduce when a row's draw falls past the 16 most likely ids). Otherwise
+  (:mod:`megatron_opd.rollout.vocab_parallel_sampling`: each rank draws a candidate from
+  its shard, one small all-gather per step picks the shard). Otherwise
   (Megatron's inference forward, top-p) the logits are gathered over the TP group, so
   every TP rank holds the same ``[a, V]`` logits and samples them with its own generator
   seeded identically, giving identical tokens with no extra communication.

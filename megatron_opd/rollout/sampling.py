@@ -91,13 +91,20 @@ def shifted_exp(
     multi-megabyte tensor per step costs the page faults of new memory (measured ~2x the
     ``exp`` itself at B = 64, V = 75,968 on CPU).
     """
-    shift = row_max.masked_fill(row_max.abs() == float("inf"), 0.0)
-    if workspace is None:
-        exp = (x - shift).exp_()
-    else:
-        exp = torch.sub(x, shift, out=workspace[: x.shape[0], : x.shape[1]]).exp_()
+    exp, shift = exp_minus_max(x, row_max, workspace)
     sums = exp.sum(dim=-1, keepdim=True)
     return ShiftedExp(lse=sums.log().add_(shift), exp=exp, sums=sums)
+
+
+def exp_minus_max(
+    x: torch.Tensor, row_max: torch.Tensor, workspace: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(exp(x - shift) [a, v], shift [a, 1])``: the shift is the row max, 0 where it is
+    infinite (as ``torch.logsumexp`` shifts); written into ``workspace`` when given."""
+    shift = row_max.masked_fill(row_max.abs() == float("inf"), 0.0)
+    if workspace is None:
+        return (x - shift).exp_(), shift
+    return torch.sub(x, shift, out=workspace[: x.shape[0], : x.shape[1]]).exp_(), shift
 
 
 def block_sums(values: torch.Tensor) -> torch.Tensor:

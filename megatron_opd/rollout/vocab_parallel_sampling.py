@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from megatron_opd.ops.softmax_functions import combine_logsumexp
 from megatron_opd.ops.topk_select import local_topk, merge_topk
-from megatron_opd.rollout.sampling import HEAD, block_pick, block_sums
+from megatron_opd.rollout.sampling import HEAD, block_pick, block_sums, exp_minus_max
 
 
 def vocab_parallel_sample_step(
@@ -78,11 +78,7 @@ def vocab_parallel_sample_step(
     # Ordered (value descending, lower id first): the draw's head needs that order.
     values, ids = merge_topk(*local_topk(scaled, k, start, local * size), k)
     row_max = values[:, :1]
-    shift = row_max.masked_fill(row_max.abs() == float("inf"), 0.0)
-    if workspace is None:
-        exp = (scaled - shift).exp_()
-    else:
-        exp = torch.sub(scaled, shift, out=workspace[:rows, :valid]).exp_()
+    exp, _ = exp_minus_max(scaled, row_max, workspace)
     blocks = block_sums(exp)  # the draw's tail search reads them; their sum is s_r
     sums = blocks.sum(dim=-1, keepdim=True)
     # float32 carries every value here exactly, and the ids while they stay below 2**24.
