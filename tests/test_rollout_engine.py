@@ -167,12 +167,14 @@ def _engine_cases(groups, student, teacher, eos):
     for cls in originals:
         cls.forward = recording(cls)
     try:
-        greedy = _engine(groups, student, eos).generate(PROMPTS, max_new_tokens=NUM_NEW, seed=1)
+        greedy_engine = _engine(groups, student, eos)
+        greedy = greedy_engine.generate(PROMPTS, max_new_tokens=NUM_NEW, seed=1)
     finally:
         for cls, forward in originals.items():
             cls.forward = forward
     res["decoders"] = sorted(set(decoders))
     res["vocab_parallel"] = sorted(set(sharded))
+    res["decode_steps_on_shards"] = greedy_engine.decode_steps_on_shards
     res["greedy"] = _rows(greedy)
     res["greedy_tokens"] = greedy.tokens
     res["greedy_prompt_lengths"] = greedy.prompt_lengths.tolist()
@@ -431,6 +433,9 @@ def test_eos_stops_rows_and_finished_rows_leave_the_batch(runs):
     # At TP = 2 on the lean path the greedy rollout samples on the vocabulary shards.
     assert all(res["vocab_parallel"] == [True] for res in results["tp2"])
     assert results["tp1"][0]["vocab_parallel"] == [False]
+    # ... and counts them (the step metric decode_steps_on_shards): one per decode step.
+    assert all(res["decode_steps_on_shards"] == max(lengths) for res in results["tp2"])
+    assert results["tp1"][0]["decode_steps_on_shards"] == 0
     # Prefill with all 4 rows, then one decode step per token with only the running rows.
     sizes = results["tp1"][0]["batch_sizes"]
     running = [sum(1 for n in lengths if n > step) for step in range(max(lengths))]

@@ -102,6 +102,8 @@ class MegatronRolloutEngine:
         self.pad_id = int(pad_id)
         self.vocab_size = vocab_size
         self.device = groups.platform.device
+        self.decode_steps_on_shards = 0
+        """Decode steps sampled on the TP ranks' vocabulary shards so far (see module)."""
 
     records_student_scores = True
     """:meth:`generate` can record the scoring pass's student fields (``student_top_k``)."""
@@ -266,6 +268,7 @@ class MegatronRolloutEngine:
                     columns = self._sampled_columns(logits.shape[-1], shard)
                     workspace = torch.empty(m, columns, device=dev)
                 if shard:
+                    self.decode_steps_on_shards += 1
                     step_out = vocab_parallel_sample_step(
                         logits[:, -1], temperature=cfg.temperature, generator=generator,
                         vocab_size=self.vocab_size or logits.shape[-1] * groups.tp_size,

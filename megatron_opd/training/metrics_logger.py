@@ -25,8 +25,12 @@ _CONSOLE_KEYS = (
     "loss", "overlap_ratio_mean", "bad_event_rate", "effective_length_mean", "budget",
     "reward_accuracy", "time_step_s",
 )  # fmt: skip
-_COUNTER_KEYS = ("samples_stopped", "tokens_trimmed", "teacher_chunk_forwards", "chunks_deferred")
-"""What the Prune-OPD mechanisms did this step: on the console when not 0."""
+_COUNTER_KEYS = (
+    "samples_stopped", "tokens_trimmed", "teacher_chunk_forwards", "chunks_deferred",
+    "decode_steps_on_shards",
+)  # fmt: skip
+"""What the Prune-OPD mechanisms and the sharded sampler did this step: on the console
+when not 0."""
 
 
 class MetricsLogger:

@@ -363,8 +363,12 @@ class Trainer:
         extra = {"student_top_k": cfg.prune.top_k} if student_from_rollout else {}
         with _timed(timers, "rollout"):
             listener = self.c.make_chunk_listener() if cfg.rollout.chunk_size else None
+            sharded_before = getattr(self.c.engine, "decode_steps_on_shards", 0)
             batch = self.c.engine.generate(
                 prompts, max_new_tokens=max_new, seed=seed, chunk_listener=listener, **extra
+            )
+            batch.extras["decode_steps_on_shards"] = (
+                getattr(self.c.engine, "decode_steps_on_shards", 0) - sharded_before
             )
             batch.answers = [answers[i] for i in batch.prompt_index.tolist()]
             if listener is not None:
@@ -543,9 +547,12 @@ class Trainer:
     ) -> dict[str, float]:
         groups = self.groups
         metrics = {"loss": loss_sum / max(num_tokens, 1.0)}
-        values = torch.zeros(12, dtype=torch.float64, device=groups.platform.device)
-        # The chunked online stop's teacher forwards and deferred chunks (0 without it).
-        values[10:12] = torch.tensor(batch.extras.get("chunk_forwards", (0, 0)), dtype=values.dtype)
+        values = torch.zeros(13, dtype=torch.float64, device=groups.platform.device)
+        # The chunked online stop's teacher forwards and deferred chunks (0 without it), and
+        # the decode steps sampled on vocabulary shards (TP > 1).
+        counters = (*batch.extras.get("chunk_forwards", (0, 0)),
+                    batch.extras.get("decode_steps_on_shards", 0))  # fmt: skip
+        values[10:13] = torch.tensor(counters, dtype=values.dtype)
         if groups.is_last_stage:
             valid = batch.response_mask().to(batch.overlap_ratio.device)
             num_valid = valid.sum()
@@ -595,6 +602,7 @@ class Trainer:
             reverse_kl_topk=float(values[9]) / valid_tokens,
             teacher_chunk_forwards=float(values[10]),
             chunks_deferred=float(values[11]),
+            decode_steps_on_shards=float(values[12]),
         )
         return metrics
 
