@@ -221,15 +221,16 @@ def make_shard(
     tp_rank, tp_size = group_rank_and_size(tp_group)
     if not isinstance(logits, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor [..., V_local], got {type(logits)}")
-    row = _meta_row(
-        logits,
-        global_ids=global_ids,
-        k=k,
-        vocab_size=vocab_size,
-        temperature=temperature,
-        chunk_size=chunk_size,
-    )
-    agree_across_ranks(tp_group, tp_size, row, logits.device)
+    if tp_size > 1:
+        row = _meta_row(
+            logits,
+            global_ids=global_ids,
+            k=k,
+            vocab_size=vocab_size,
+            temperature=temperature,
+            chunk_size=chunk_size,
+        )
+        agree_across_ranks(tp_group, tp_size, row, logits.device)
     if logits.ndim < 1 or not logits.is_floating_point():
         raise ValueError(
             f"{name} must be a floating-point tensor [..., V_local] (last dim = this rank's "

@@ -77,17 +77,24 @@ def _gather_owned(x: torch.Tensor, cols: torch.Tensor, owned: torch.Tensor) -> t
     return torch.where(owned, x.gather(1, cols), 0.0)
 
 
+def gather_at_ids(flat: torch.Tensor, ids: torch.Tensor, shard: VocabShard, temperature: float):
+    """:class:`VocabParallelGather`'s forward without autograd: ``(picked [N, n], local
+    columns, owned)`` (a no-grad caller skips the autograd Function's own cost)."""
+    cols, owned = _local_columns(ids, shard)
+    dtype = compute_dtype(flat.dtype)
+    picked = _gather_owned(flat[:, : shard.num_valid], cols, owned).to(dtype) / temperature
+    if shard.distributed:
+        dist.all_reduce(picked, group=shard.tp_group)
+    raise_if_nonfinite(poisoned(picked).any(dim=-1), "logits (at global_ids)", shard)
+    return picked, cols, owned
+
+
 class VocabParallelGather(torch.autograd.Function):
     """``(logits / T)[i, ids[i, j]]`` ``[N, n]``; the gradient goes to the owning shard."""
 
     @staticmethod
     def forward(ctx, flat, ids, shard: VocabShard, temperature: float):
-        cols, owned = _local_columns(ids, shard)
-        dtype = compute_dtype(flat.dtype)
-        picked = _gather_owned(flat[:, : shard.num_valid], cols, owned).to(dtype) / temperature
-        if shard.distributed:
-            dist.all_reduce(picked, group=shard.tp_group)
-        raise_if_nonfinite(poisoned(picked).any(dim=-1), "logits (at global_ids)", shard)
+        picked, cols, owned = gather_at_ids(flat, ids, shard, temperature)
         ctx.save_for_backward(cols, owned)
         ctx.meta = (flat.shape, flat.dtype, temperature)
         return picked

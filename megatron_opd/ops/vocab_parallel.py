@@ -52,6 +52,7 @@ from megatron_opd.ops.softmax_functions import (
     VocabParallelLogSoftmax,
     combine_logsumexp,
     finite_or_zero,
+    gather_at_ids,
     poisoned,
 )
 from megatron_opd.ops.topk_select import local_topk, merge_topk, topk_membership
@@ -124,6 +125,16 @@ def _topk_impl(
         packed[start:end], cand_ids[start:end] = _local_candidates(
             flat[start:end, : shard.num_valid], k, shard, temperature, with_logsumexp
         )
+    if not shard.distributed:
+        # One shard: the exchange below would only stack, permute and cast back; the same
+        # merge, checks and log-sum-exp on the shard's own candidates (same arithmetic).
+        values, ids = merge_topk(packed[:, :k], cand_ids, k)
+        bad = torch.isnan(packed).any(dim=1) | (values == float("-inf")).any(dim=-1)
+        lse = None
+        if with_logsumexp:
+            lse = combine_logsumexp(packed[None, :, :k].amax(dim=2), packed[None, :, k])
+            bad |= ~torch.isfinite(lse)
+        return values, ids, lse, bad
     # float32 holds every integer up to 2**24, float64 up to 2**53.
     exact_ids = shard.padded_vocab_size <= (2**24 if dtype == torch.float32 else 2**53)
     if exact_ids:
@@ -321,7 +332,10 @@ def vocab_parallel_gather(
         over the shard); communicates ``n`` values per token.
     """
     shard, flat, ids = _flat_and_ids(logits, global_ids, tp_group, temperature, vocab_size, None)
-    picked = VocabParallelGather.apply(flat, ids, shard, float(temperature))
+    if torch.is_grad_enabled() and flat.requires_grad:
+        picked = VocabParallelGather.apply(flat, ids, shard, float(temperature))
+    else:  # the same forward without the autograd Function's cost (scoring, no grad)
+        picked = gather_at_ids(flat, ids, shard, float(temperature))[0]
     return picked.view(global_ids.shape)
 
 

@@ -91,9 +91,9 @@ class OnlineStopper:
         """``[b]`` first reason to stop (NOT_STOPPED, WEIGHT_ZERO, DRIFT_BUDGET, CONSECUTIVE)."""
         self.stop_position = zeros - 1
         """``[b]`` column (counted from the first chunk) of the stop point, -1 if none."""
-        self._history: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [
-            [] for _ in range(batch_size)
-        ]
+        self._history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        """Per chunk fed: ``(sample_index [r], first column [r], weights [r, c], loss
+        weights [r, c])``, placed by :meth:`result` (one record per chunk, not per row)."""
 
     @classmethod
     def from_config(cls, batch_size: int, config, **kwargs) -> OnlineStopper:
@@ -183,9 +183,9 @@ class OnlineStopper:
         valid = valid_mask.bool().to(sample_index.device)
         bad = bad_events.bool().to(sample_index.device) & valid
         out = self._continued(bad, valid, sample_index)
-        columns = torch.arange(bad.shape[1], device=bad.device)
-        first_stop = torch.where(out.stop_here, columns, -1).amax(dim=-1) if bad.shape[1] else None
-        if first_stop is not None:
+        if bad.shape[1] and bool(out.stop_here.any()):  # most chunks stop no row
+            columns = torch.arange(bad.shape[1], device=bad.device)
+            first_stop = torch.where(out.stop_here, columns, -1).amax(dim=-1)
             start = self.num_tokens[sample_index]
             new_stop = first_stop >= 0
             self.stop_position[sample_index] = torch.where(
@@ -199,11 +199,10 @@ class OnlineStopper:
         self.consecutive_bad[sample_index] = out.run_after
         positive = valid & (out.weights > self.rule.positive_eps)
         self.effective_length[sample_index] += positive.sum(dim=-1)
+        if self.keep_history and bad.shape[1]:
+            start = self.num_tokens[sample_index]
+            self._history.append((sample_index.clone(), start, out.weights, out.loss_weights))
         self.num_tokens[sample_index] += bad.shape[1]
-
-        if self.keep_history:
-            for row, sample in enumerate(sample_index.tolist()):
-                self._history[sample].append((out.weights[row], out.loss_weights[row], valid[row]))
         return ChunkWeights(
             weights=out.weights,
             loss_weights=out.loss_weights,
@@ -233,11 +232,10 @@ class OnlineStopper:
         device = self.num_tokens.device
         weights = torch.zeros(self.batch_size, length, dtype=torch.float32, device=device)
         loss_weights = torch.zeros_like(weights)
-        for sample, chunks in enumerate(self._history):
-            if chunks:
-                w = torch.cat([c[0] for c in chunks])
-                weights[sample, : w.numel()] = w
-                loss_weights[sample, : w.numel()] = torch.cat([c[1] for c in chunks])
+        for rows, start, chunk_w, chunk_lw in self._history:
+            columns = start[:, None] + torch.arange(chunk_w.shape[1], device=device)
+            weights[rows[:, None], columns] = chunk_w
+            loss_weights[rows[:, None], columns] = chunk_lw
         return ReliabilityWeights(
             weights=weights,
             loss_weights=loss_weights,

@@ -198,8 +198,13 @@ class LeanDecoder:
         device = param.device
         # Megatron's own table (what the training forward uses), once per cache.
         freqs = gpt.rotary_pos_emb(max_len)[:, 0, 0].to(device)  # [max_len, rot]
-        self.cos, self.sin = freqs.cos().to(self.dtype), freqs.sin().to(self.dtype)
         self.rot = freqs.shape[-1]
+        # Megatron's non-interleaved table repeats its angles over the two halves, so
+        # rotate_half(x) * sin == roll(x, rot / 2) * (sin with its first half negated),
+        # bit for bit ((-a) * b == -(a * b)): two ops fewer than negate-and-concatenate.
+        sin = freqs.sin()
+        sin[:, : self.rot // 2].neg_()
+        self.cos, self.sin_signed = freqs.cos().to(self.dtype), sin.to(self.dtype)
         shape = (rows, self.num_groups, max_len if use_cache else 0, self.head_dim)
         self.use_cache = use_cache
         self.keys = [
@@ -229,27 +234,31 @@ class LeanDecoder:
         out.masked_fill_(outside[..., None], 0.0)
         return self._reduce(out)
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Megatron's non-interleaved RoPE on ``x [a, s, n, d]``; ``cos/sin [a, s, 1, rot]``."""
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+        """Megatron's non-interleaved RoPE on ``x [..., d]``; ``cos``/``sin_signed`` broadcast
+        to ``[..., rot]`` (``sin_signed``: the sine with its first half negated)."""
         if self.rot < x.shape[-1]:
             head, tail = x[..., : self.rot], x[..., self.rot :]
-            return torch.cat([self._rope(head, cos, sin), tail], dim=-1)
-        first, second = x.chunk(2, dim=-1)
-        return x * cos + torch.cat((-second, first), dim=-1) * sin
+            return torch.cat([self._rope(head, cos, sin_signed), tail], dim=-1)
+        return x * cos + x.roll(self.rot // 2, dims=-1) * sin_signed
 
     def _attention(self, layer: _Layer, x, index, cos, sin, mask) -> torch.Tensor:
-        """Self-attention of ``x [a, s, h]`` (normed) against the cache of layer ``index``."""
+        """Self-attention of ``x [a, s, h]`` (normed) against the cache of layer ``index``;
+        ``cos``/``sin`` ``[a, s, 1, 1, rot]`` (see :meth:`_rope`)."""
         a, s, _ = x.shape
         ng, npg, d = self.num_groups, self.per_group, self.head_dim
         qkv = F.linear(x, *layer.qkv)
-        qkv = qkv.view(a, s, ng, npg + 2, d)
-        query = qkv[:, :, :, :npg].reshape(a, s, ng * npg, d)
-        key, value = qkv[:, :, :, npg], qkv[:, :, :, npg + 1]  # [a, s, ng, d]
-        if layer.q_norm is not None:
-            query = layer.q_norm(query)
-        if layer.k_norm is not None:
-            key = layer.k_norm(key)
-        query, key = self._rope(query, cos, sin), self._rope(key, cos, sin)
+        qkv = qkv.view(a, s, ng, npg + 2, d)  # per group: its query heads, key, value
+        if layer.q_norm is None and layer.k_norm is None:
+            query_key = qkv[:, :, :, : npg + 1]
+        else:
+            query, key = qkv[:, :, :, :npg], qkv[:, :, :, npg : npg + 1]
+            query = query if layer.q_norm is None else layer.q_norm(query)
+            key = key if layer.k_norm is None else layer.k_norm(key)
+            query_key = torch.cat([query, key], dim=3)
+        # One RoPE call for the queries and the key of every group.
+        query_key = self._rope(query_key, cos, sin)  # [a, s, ng, npg + 1, d]
+        key, value = query_key[:, :, :, npg], qkv[:, :, :, npg + 1]  # [a, s, ng, d]
         end = self.offset + s
         if self.use_cache:
             keys, values = self.keys[index], self.values[index]
@@ -260,7 +269,7 @@ class LeanDecoder:
             keys, values = key.transpose(1, 2), value.transpose(1, 2)
         # Grouped-query heads ride in the query length: [a, ng, npg * s, d] against the
         # group's [a, ng, end, d] keys, so K/V are never repeated per head.
-        query = query.view(a, s, ng, npg, d).permute(0, 2, 3, 1, 4).reshape(a, ng, npg * s, d)
+        query = query_key[:, :, :, :npg].permute(0, 2, 3, 1, 4).reshape(a, ng, npg * s, d)
         out = F.scaled_dot_product_attention(
             query, keys[:a, :, :end], values[:a, :, :end], attn_mask=mask, scale=self.scale
         )
@@ -337,8 +346,8 @@ class LeanDecoder:
             # Queries are ordered (head in group, column): repeat the column rows per head.
             mask = allowed[:, None].expand(-1, self.per_group, -1, -1)
             mask = mask.reshape(mask.shape[0], 1, self.per_group * s, end)
-        cos = self.cos[positions][:, :, None]  # [a, s, 1, rot]
-        sin = self.sin[positions][:, :, None]
+        cos = self.cos[positions][:, :, None, None]  # [a, s, 1, 1, rot]
+        sin = self.sin_signed[positions][:, :, None, None]
         x = self._embed(tokens).to(self.dtype)
         for index, layer in enumerate(self.layers):
             normed = x if layer.input_norm is None else layer.input_norm(x)
