@@ -295,3 +295,44 @@ def test_stopper_bad_input():
         stopper.update(ones[:1], ones[:1])
     with pytest.raises(ValueError, match="prune.w_drop"):
         OnlineStopper(2, w_drop=-1.0, w_base=0.0)
+
+
+@SETTINGS
+@given(
+    st.integers(1, 4),
+    st.integers(0, 12),
+    st.integers(0, 9),
+    st.sampled_from([0.0, 0.1, 0.25, 0.3, 1.0]),
+    st.sampled_from([0.0, 0.5]),
+    st.sampled_from(["released", "truncate"]),
+    st.sampled_from([None, 2, 5]),
+    st.sampled_from([None, 1, 3]),
+    st.integers(0, 2**31 - 1),
+)
+def test_could_stop_within_equals_feeding_all_drift_columns(
+    b, fed, tokens, w_drop, w_base, mode, drift_budget, max_run, seed
+):
+    """The stop rules at the last of ``tokens`` worst-case columns give the same verdict
+    as feeding ``tokens`` valid drift events after the state so far (a copy of the
+    stopper, so the one under test is untouched)."""
+    import copy
+
+    if mode == "released":
+        drift_budget = max_run = None
+    gen = torch.Generator().manual_seed(seed)
+    stopper = OnlineStopper(
+        b, w_drop=w_drop, w_base=w_base, mode=mode, drift_budget=drift_budget,
+        max_consecutive_bad=max_run,
+    )  # fmt: skip
+    if fed:
+        bad = torch.rand(b, fed, generator=gen) > 0.6
+        stopper.update(bad, torch.rand(b, fed, generator=gen) > 0.1)
+    rows = torch.randperm(b, generator=gen)[: int(torch.randint(1, b + 1, (1,), generator=gen))]
+    expected = False
+    if tokens:
+        fed_worst = copy.deepcopy(stopper)
+        worst = torch.ones(rows.numel(), tokens, dtype=torch.bool)
+        before = fed_worst.should_stop[rows].clone()
+        fed_worst.update(worst, worst, rows)
+        expected = bool((fed_worst.should_stop[rows] & ~before).any())
+    assert stopper.could_stop_within(tokens, rows) == expected

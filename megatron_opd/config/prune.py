@@ -107,7 +107,7 @@ class PruneConfig:
             f"w_drop={self.w_drop}, w_base={self.w_base}"
         )
         rules = []
-        if self.w_drop > 0 and (self.mode == "truncate" or self.w_base == 0):
+        if self.weight_rule().stops_at_weight_zero:
             rules.append(f"weight 0 (drift event {math.ceil(1 / self.w_drop - 1e-9)})")
         if self.drift_budget is not None:
             rules.append(f"{self.drift_budget} drift events")

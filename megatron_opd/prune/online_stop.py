@@ -28,7 +28,12 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_opd.prune.weights import ReliabilityWeights, WeightRule, chunk_weights
+from megatron_opd.prune.weights import (
+    ReliabilityWeights,
+    WeightRule,
+    chunk_weights,
+    weights_from_counts,
+)
 
 NOT_STOPPED = 0
 WEIGHT_ZERO = 1
@@ -121,12 +126,23 @@ class OnlineStopper:
     def could_stop_within(self, tokens: int, sample_index: torch.Tensor) -> bool:
         """Whether any of the samples ``sample_index [r]`` could reach a stop point within
         its next ``tokens`` columns: the stop rules applied to the worst case, every
-        column valid and a drift event (every rule is monotone in the events)."""
-        if not self.rule.can_stop or tokens <= 0 or sample_index.numel() == 0:
+        column valid and a drift event. Every rule is monotone in the events, so the
+        worst case stops somewhere in the columns iff it stops at the last one: the rules
+        are evaluated there only, with :func:`chunk_weights`' arithmetic (the same
+        verdict as feeding ``tokens`` all-drift columns, tested)."""
+        rule = self.rule
+        if not rule.can_stop or tokens <= 0 or sample_index.numel() == 0:
             return False
         index = sample_index.to(device=self.num_bad_events.device, dtype=torch.int64)
-        worst = torch.ones(index.numel(), tokens, dtype=torch.bool, device=index.device)
-        return bool(self._continued(worst, worst, index).stop_here.any())
+        count = self.num_bad_events[index] + tokens
+        stop = torch.zeros_like(count, dtype=torch.bool)
+        if rule.stops_at_weight_zero:
+            stop |= weights_from_counts(count, rule.w_drop) <= rule.positive_eps
+        if rule.drift_budget is not None:
+            stop |= count >= rule.drift_budget
+        if rule.max_consecutive_bad is not None:
+            stop |= self.consecutive_bad[index] + tokens >= rule.max_consecutive_bad
+        return bool((stop & ~self.should_stop[index]).any())
 
     def _continued(self, bad: torch.Tensor, valid: torch.Tensor, sample_index: torch.Tensor):
         """:func:`chunk_weights` of ``[r, c]`` columns after the samples' state so far."""
@@ -218,7 +234,7 @@ class OnlineStopper:
         if rule.drift_budget is not None:
             spent = out.cumulative_bad.gather(-1, at)[:, 0] >= rule.drift_budget
             reason = torch.where(spent, DRIFT_BUDGET, reason)
-        if rule.w_drop > 0 and (rule.mode == "truncate" or rule.w_base == 0):
+        if rule.stops_at_weight_zero:
             zero = out.weights.gather(-1, at)[:, 0] <= rule.positive_eps
             reason = torch.where(zero, WEIGHT_ZERO, reason)
         return reason

@@ -89,10 +89,19 @@ class WeightRule:
         )
 
     @property
+    def stops_at_weight_zero(self) -> bool:
+        """Whether a weight of 0 is a stop point: every later loss weight is 0 too
+        (``released`` with ``w_base = 0``) or is cut (``truncate``)."""
+        return self.w_drop > 0 and (self.mode == "truncate" or self.w_base == 0)
+
+    @property
     def can_stop(self) -> bool:
         """Whether any sample can ever reach a stop point under this rule."""
-        weight_zero = self.w_drop > 0 and (self.mode == "truncate" or self.w_base == 0)
-        return weight_zero or self.drift_budget is not None or self.max_consecutive_bad is not None
+        return (
+            self.stops_at_weight_zero
+            or self.drift_budget is not None
+            or self.max_consecutive_bad is not None
+        )
 
 
 @dataclass(kw_only=True)
@@ -194,7 +203,7 @@ def chunk_weights(
     weights = torch.where(valid, weights_from_counts(cumulative, rule.w_drop), 0.0)
     runs = consecutive_runs(bad, valid, run_before)
     stop = torch.zeros_like(valid)
-    if rule.w_drop > 0 and (rule.mode == "truncate" or rule.w_base == 0):
+    if rule.stops_at_weight_zero:
         stop |= weights <= rule.positive_eps
     if rule.drift_budget is not None:
         stop |= cumulative >= rule.drift_budget
