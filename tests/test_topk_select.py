@@ -114,3 +114,16 @@ def test_narrow_rows_use_torch_topk_directly(monkeypatch):
     values, _ = topk_by_blocks(x, 17)
     assert calls == [x.shape]
     assert torch.equal(values, real_topk(x, 17, dim=-1).values)
+
+
+def test_tensors_off_the_cpu_use_torch_topk_directly(monkeypatch):
+    x = torch.empty(4, WIDTH, device="meta")  # stands in for CUDA: no data, shapes only
+    calls = []
+    real_topk = torch.topk
+    monkeypatch.setattr(
+        topk_select.torch,
+        "topk",
+        lambda t, *a, **kw: calls.append(t.shape) or real_topk(t, *a, **kw),
+    )
+    values, cols = topk_by_blocks(x, 17)
+    assert calls == [x.shape] and values.shape == cols.shape == (4, 17)

@@ -84,14 +84,16 @@ def topk_by_blocks(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]
     maxima tie at every boundary from the ``n``-th to the last one read (NaN ranks first,
     as in ``torch.topk``, and compares False: a row with NaN there is unsure). An unsure
     row takes ``torch.topk`` over the whole row, as does a row block too narrow to gain
-    (the blocks read above a quarter of ``v``). Among equal values the ids returned may
+    (the blocks read above a quarter of ``v``), and any tensor off the CPU: measured on CPU
+    only, and a CUDA ``torch.topk`` is a radix select that reads the row once anyway,
+    where this path would add a host sync per call. Among equal values the ids returned may
     differ from ``torch.topk``'s, which does not specify them either (:func:`local_topk`
     resolves ties at the K-th value exactly).
     """
     rows, width = x.shape
     blocks = width // PRUNE_BLOCK
     m = n + PRUNE_SLACK
-    if 4 * m * PRUNE_BLOCK > width or rows == 0:
+    if 4 * m * PRUNE_BLOCK > width or rows == 0 or x.device.type != "cpu":
         return torch.topk(x, n, dim=-1, largest=True, sorted=True)
     full = blocks * PRUNE_BLOCK
     maxima = x[:, :full].reshape(rows, blocks, PRUNE_BLOCK).amax(dim=-1)
