@@ -202,8 +202,14 @@ class LeanDecoder:
         # Megatron's non-interleaved table repeats its angles over the two halves, so
         # rotate_half(x) * sin == roll(x, rot / 2) * (sin with its first half negated),
         # bit for bit ((-a) * b == -(a * b)): two ops fewer than negate-and-concatenate.
+        half = self.rot // 2
+        if not torch.equal(freqs[:, :half], freqs[:, half:]):
+            raise RuntimeError(
+                "LeanDecoder: the rotary table's two halves differ; this RoPE is not "
+                "Megatron's non-interleaved one (set rollout.lean_decode=false)"
+            )
         sin = freqs.sin()
-        sin[:, : self.rot // 2].neg_()
+        sin[:, :half].neg_()
         self.cos, self.sin_signed = freqs.cos().to(self.dtype), sin.to(self.dtype)
         shape = (rows, self.num_groups, max_len if use_cache else 0, self.head_dim)
         self.use_cache = use_cache
