@@ -24,7 +24,7 @@ collective; beside it, what the engine did before: all-gather the logits, then
 :func:`~megatron_opd.rollout.sampling.sample_step` on the whole row. Each rank's median;
 the slower rank is reported. Target: ours <= 1.3x the floor at V = 151,936, K = 16, TP = 2.
 A step also has a fixed cost that does not shrink with B (about 100 small torch ops, ~1 ms
-on this CPU, and gloo's ~0.5 ms all-gather latency), so the ratio is worst at small B.
+on this CPU, and gloo's all-gather, ~0.1 ms), so the ratio is worst at small B.
 
 Our top-K reads only the column blocks that can hold it
 (:func:`~megatron_opd.ops.topk_select.topk_by_blocks`, exact), which is why ours can come
