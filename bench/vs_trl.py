@@ -43,6 +43,11 @@ chunked divergence, backward and the optimizer). Ours: the trainer's own timers
 ``rollout``, ``score``, ``prune``, ``train``. ``step`` is the wall time of the whole step
 for both. Generation speed is new tokens per second of the generation phase.
 
+For the online-stop arms the script also prints where the chunk scorer's time goes: its
+teacher forwards and its scoring calls (top-K op, gather, drift events, stopper), timed by
+wall-clock wrappers in the arm's process, beside the plain arm's SCORE stage that the fused
+teacher scores replace.
+
 Targets (issue 12), printed with PASS / MISS: plain-OPD step <= 1.0x TRL's with the default
 loss and <= 1.2x with exact reverse KL; generation tokens/s >= TRL's; the online stop adds
 <= 10 % to a step at equal generated tokens. Timings on a shared machine are noisy: the
@@ -271,10 +276,11 @@ def _ours_arm(spec: dict, arm: str) -> list[dict]:
     from megatron_opd.training.trainer import Trainer
 
     apply_cpu_compat()
-    if arm == "ours_prune_every_chunk":
-        from megatron_opd.rollout.chunk_scorer import ChunkScorer
+    from megatron_opd.rollout.chunk_scorer import ChunkScorer
 
+    if arm == "ours_prune_every_chunk":
         ChunkScorer._may_defer = lambda self, chunk: False  # read every chunk on its own
+    parts = _time_chunk_scorer(ChunkScorer, Trainer)
     config = build_config(OPDConfig, merge_overrides({}, _ours_overrides(spec, arm)))
     groups = init_distributed(config.parallel, seed=config.training.seed)
     torch.set_num_threads(spec["threads"])
@@ -290,9 +296,41 @@ def _ours_arm(spec: dict, arm: str) -> list[dict]:
         {"step": h["time_step_wall_s"], "generate": h["time_rollout_s"],
          "score": h["time_score_s"], "prune": h["time_prune_s"], "train": h["time_train_s"],
          "tokens": h["tokens_generated"], "stopped": h.get("samples_stopped", 0.0),
-         "forwards": h.get("teacher_chunk_forwards", 0.0)}
-        for h in history
+         "forwards": h.get("teacher_chunk_forwards", 0.0),
+         "chunk_forward": part["forward"], "chunk_scoring": part["scoring"]}
+        for h, part in zip(history, parts, strict=True)
     ]  # fmt: skip
+
+
+def _time_chunk_scorer(scorer_class, trainer_class) -> list[dict]:
+    """Per training step, seconds inside the chunk scorer's teacher forwards and its scoring
+    (top-K op, gather, drift events, stopper): wall-clock wrappers in this process."""
+    totals = {"forward": 0.0, "scoring": 0.0}
+    steps: list[dict] = []
+
+    def timed(method, key):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                totals[key] += time.perf_counter() - start
+
+        return run
+
+    scorer_class._forward = timed(scorer_class._forward, "forward")
+    scorer_class._score = timed(scorer_class._score, "scoring")
+    train_step = trainer_class.train_step
+
+    def step(self, *args, **kwargs):
+        before = dict(totals)
+        try:
+            return train_step(self, *args, **kwargs)
+        finally:
+            steps.append({key: totals[key] - before[key] for key in totals})
+
+    trainer_class.train_step = step
+    return steps
 
 
 # --------------------------------------------------------------------------- driver
@@ -372,7 +410,7 @@ def main() -> None:
     med: dict[str, dict[str, float]] = {}
     for arm in arms:
         keys = ("step", "generate", "score", "train", "tokens") + (
-            ("prune", "forwards") if arm != "trl" else ()
+            ("prune", "forwards", "chunk_forward", "chunk_scoring") if arm != "trl" else ()
         )
         med[arm] = {key: _median(runs[arm], key, first) for key in keys}
         m = med[arm]
@@ -381,6 +419,17 @@ def main() -> None:
               f"{m['tokens'] / m['generate']:>10.0f} {m['tokens']:>7.0f} "
               f"{m.get('forwards', 0.0):>18.0f}")  # fmt: skip
     print(f"load average after: {_load()}")
+    chunked = [arm for arm in arms if arm.startswith("ours_prune")]
+    if chunked and "ours" in med:
+        print(f"\nwhere the online stop's time goes (medians per step): the plain arm's SCORE "
+              f"stage (the teacher pass fused scoring replaces) {med['ours']['score'] * 1e3:.1f} "
+              "ms")  # fmt: skip
+        for arm in chunked:
+            m = med[arm]
+            per = m["chunk_forward"] / max(m["forwards"], 1)
+            print(f"  {arm:<22} chunk scorer: teacher forwards {m['chunk_forward'] * 1e3:.1f} "
+                  f"ms ({m['forwards']:.0f} x {per * 1e3:.2f} ms), scoring (top-K, gather, "
+                  f"drift events, stopper) {m['chunk_scoring'] * 1e3:.1f} ms")  # fmt: skip
     print("\ntargets")
     trl = med.get("trl")
     if trl is not None:

@@ -14,8 +14,8 @@ everything above the K-th value, plus the lowest-id entries equal to it.
 The shard's ``torch.topk`` reads only part of a wide row (:func:`topk_by_blocks`): the
 K + 1 largest values all lie in the m >= K + 1 column blocks with the largest maxima
 whenever the m-th block maximum is above the (m+1)-th, so one vectorized ``amax`` pass and a
-``torch.topk`` over those blocks give the same K + 1 values (at V = 75,968 / 16 rows,
-0.4 ms instead of 1.6 ms on one CPU thread; ``bench/ops_bench.py``).
+``torch.topk`` over those blocks give the same K + 1 values (``bench/ops_bench.py`` and
+``bench/rollout_bench.py`` print the floors with either top-K).
 """
 
 from __future__ import annotations
