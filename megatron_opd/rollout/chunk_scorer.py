@@ -22,10 +22,11 @@ Deferred chunks. A chunk after which no running sample could reach a stop point,
 every one of its tokens were a drift event (:meth:`~megatron_opd.prune.online_stop.
 OnlineStopper.could_stop_within`), is not scored when it arrives: the teacher reads it
 together with the next chunk, in one forward instead of two (each forward has a fixed
-cost: eight 16-token forwards of the CPU test teacher cost ~1.8x one 128-token
-forward). The stop decisions are the same as scoring every chunk (a stop could not have
-happened in a deferred chunk); a chunk in which a row finished, and any chunk under
-pipeline parallelism (where the stopper lives on the last stage only), is scored at once.
+cost: eight 16-token forwards of the CPU test teacher cost ~1.6x one 128-token
+forward; ``bench/vs_trl.py --prune`` prints both). The stop decisions are the same as
+scoring every chunk (a stop could not have happened in a deferred chunk); a chunk in
+which a row finished, and any chunk under pipeline parallelism (where the stopper lives
+on the last stage only), is scored at once.
 With a small ``w_drop`` the first ``~1 / w_drop`` tokens are read in one forward; with
 ``online_stop`` off, the whole response is. ``chunks_scored`` and ``chunks_deferred``
 count both per call.
