@@ -172,28 +172,26 @@ def _bench_rank(cfg: dict):
             row[f"{label}_values_per_token"] = counter["values"] / tokens
             dist.barrier()
             row[f"{label}_peak_extra"] = _peak_extra_bytes(fn)
-            times = []
-            for _ in range(cfg["repeats"]):
-                dist.barrier()
-                start = time.perf_counter()
-                fn()
-                dist.barrier()
-                times.append(time.perf_counter() - start)
-            row[f"{label}_s"] = min(times)
-        for key, fn in (("floor_s", floors[name]), ("pruned_floor_s", pruned[name])):
-            times = []
-            for _ in range(cfg["repeats"]):
-                dist.barrier()
-                start = time.perf_counter()
-                fn()
-                dist.barrier()
-                times.append(time.perf_counter() - start)
-            row[key] = min(times)
+            row[f"{label}_s"] = _best_time(fn, cfg["repeats"])
+        row["floor_s"] = _best_time(floors[name], cfg["repeats"])
+        row["pruned_floor_s"] = _best_time(pruned[name], cfg["repeats"])
         report[name] = row
     report["chunk_tokens"] = chunk_tokens_for(chunk, local)
     report["local"] = local
     report["input_bytes"] = logits.numel() * logits.element_size()
     return report
+
+
+def _best_time(fn, repeats: int) -> float:
+    """Fastest of ``repeats`` calls of ``fn``, each between barriers (both ranks timed)."""
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        dist.barrier()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def _mib(num_bytes: float) -> str:

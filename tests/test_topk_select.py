@@ -23,6 +23,19 @@ from megatron_opd.ops.topk_select import (
 WIDTH = 75_968 + 37  # a Qwen TP=2 shard plus a partial last block
 
 
+@pytest.fixture
+def topk_calls(monkeypatch) -> list:
+    """Shapes of the tensors ``torch.topk`` is called on inside topk_select (recorded)."""
+    calls = []
+    real_topk = torch.topk
+    monkeypatch.setattr(
+        topk_select.torch,
+        "topk",
+        lambda t, *a, **kw: calls.append(t.shape) or real_topk(t, *a, **kw),
+    )
+    return calls
+
+
 def _rows(kind: str, rows: int = 12, width: int = WIDTH) -> torch.Tensor:
     generator = torch.Generator().manual_seed(len(kind))
     x = torch.randn(rows, width, generator=generator) * 3
@@ -71,17 +84,11 @@ def test_local_topk_on_a_strided_view_with_an_offset():
 
 
 @pytest.mark.parametrize("kind", ["normal", "bf16", "grid", "clustered", "masked"])
-def test_topk_by_blocks_returns_torch_topk_values(kind, monkeypatch):
+def test_topk_by_blocks_returns_torch_topk_values(kind, topk_calls):
     x = _rows(kind)
-    widths = []
-    real_topk = torch.topk
-    monkeypatch.setattr(
-        topk_select.torch,
-        "topk",
-        lambda t, *a, **kw: widths.append(t.shape) or real_topk(t, *a, **kw),
-    )
     values, cols = topk_by_blocks(x, 17)
-    ref = real_topk(x, 17, dim=-1)
+    widths = list(topk_calls)
+    ref = torch.topk(x, 17, dim=-1)
     assert torch.equal(values.isnan(), ref.values.isnan())
     assert torch.equal(values.nan_to_num(), ref.values.nan_to_num())
     assert torch.equal(x.gather(1, cols).nan_to_num(), values.nan_to_num())
@@ -102,28 +109,14 @@ def test_nan_ranks_first_as_in_torch_topk():
     assert torch.equal(values[1:], ref.values[1:])
 
 
-def test_narrow_rows_use_torch_topk_directly(monkeypatch):
+def test_narrow_rows_use_torch_topk_directly(topk_calls):
     x = _rows("normal", width=4 * (17 + PRUNE_SLACK) * PRUNE_BLOCK - 1)
-    calls = []
-    real_topk = torch.topk
-    monkeypatch.setattr(
-        topk_select.torch,
-        "topk",
-        lambda t, *a, **kw: calls.append(t.shape) or real_topk(t, *a, **kw),
-    )
     values, _ = topk_by_blocks(x, 17)
-    assert calls == [x.shape]
-    assert torch.equal(values, real_topk(x, 17, dim=-1).values)
+    assert topk_calls == [x.shape]
+    assert torch.equal(values, torch.topk(x, 17, dim=-1).values)
 
 
-def test_tensors_off_the_cpu_use_torch_topk_directly(monkeypatch):
+def test_tensors_off_the_cpu_use_torch_topk_directly(topk_calls):
     x = torch.empty(4, WIDTH, device="meta")  # stands in for CUDA: no data, shapes only
-    calls = []
-    real_topk = torch.topk
-    monkeypatch.setattr(
-        topk_select.torch,
-        "topk",
-        lambda t, *a, **kw: calls.append(t.shape) or real_topk(t, *a, **kw),
-    )
     values, cols = topk_by_blocks(x, 17)
-    assert calls == [x.shape] and values.shape == cols.shape == (4, 17)
+    assert topk_calls == [x.shape] and values.shape == cols.shape == (4, 17)

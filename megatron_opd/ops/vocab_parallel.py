@@ -125,19 +125,11 @@ def _topk_impl(
         packed[start:end], cand_ids[start:end] = _local_candidates(
             flat[start:end, : shard.num_valid], k, shard, temperature, with_logsumexp
         )
-    if not shard.distributed:
-        # One shard: the exchange below would only stack, permute and cast back; the same
-        # merge, checks and log-sum-exp on the shard's own candidates (same arithmetic).
-        values, ids = merge_topk(packed[:, :k], cand_ids, k)
-        bad = torch.isnan(packed).any(dim=1) | (values == float("-inf")).any(dim=-1)
-        lse = None
-        if with_logsumexp:
-            lse = combine_logsumexp(packed[None, :, :k].amax(dim=2), packed[None, :, k])
-            bad |= ~torch.isfinite(lse)
-        return values, ids, lse, bad
     # float32 holds every integer up to 2**24, float64 up to 2**53.
     exact_ids = shard.padded_vocab_size <= (2**24 if dtype == torch.float32 else 2**53)
-    if exact_ids:
+    if not shard.distributed:  # one shard: nothing to exchange, no payload to pack
+        gathered, gathered_ids = packed[None], cand_ids[None]
+    elif exact_ids:
         payload = torch.cat([packed, cand_ids.to(dtype)], dim=1)
         gathered_all = all_gather_stacked(payload, shard)  # [TP, N, width + k]
         gathered = gathered_all[..., :width]

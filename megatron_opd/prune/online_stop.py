@@ -128,20 +128,15 @@ class OnlineStopper:
         its next ``tokens`` columns: the stop rules applied to the worst case, every
         column valid and a drift event. Every rule is monotone in the events, so the
         worst case stops somewhere in the columns iff it stops at the last one: the rules
-        are evaluated there only, with :func:`chunk_weights`' arithmetic (the same
-        verdict as feeding ``tokens`` all-drift columns, tested)."""
+        (:meth:`WeightRule.stop_points`, as in :func:`chunk_weights`) are evaluated there
+        only (the same verdict as feeding ``tokens`` all-drift columns, tested)."""
         rule = self.rule
         if not rule.can_stop or tokens <= 0 or sample_index.numel() == 0:
             return False
         index = sample_index.to(device=self.num_bad_events.device, dtype=torch.int64)
         count = self.num_bad_events[index] + tokens
-        stop = torch.zeros_like(count, dtype=torch.bool)
-        if rule.stops_at_weight_zero:
-            stop |= weights_from_counts(count, rule.w_drop) <= rule.positive_eps
-        if rule.drift_budget is not None:
-            stop |= count >= rule.drift_budget
-        if rule.max_consecutive_bad is not None:
-            stop |= self.consecutive_bad[index] + tokens >= rule.max_consecutive_bad
+        weight = weights_from_counts(count, rule.w_drop)
+        stop = rule.stop_points(weight, count, self.consecutive_bad[index] + tokens)
         return bool((stop & ~self.should_stop[index]).any())
 
     def _continued(self, bad: torch.Tensor, valid: torch.Tensor, sample_index: torch.Tensor):

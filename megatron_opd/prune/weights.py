@@ -94,6 +94,21 @@ class WeightRule:
         (``released`` with ``w_base = 0``) or is cut (``truncate``)."""
         return self.w_drop > 0 and (self.mode == "truncate" or self.w_base == 0)
 
+    def stop_points(
+        self, weights: torch.Tensor, counts: torch.Tensor, runs: torch.Tensor
+    ) -> torch.Tensor:
+        """bool: where a token with this weight, drift count and run of drift events so
+        far reaches a stop point under the rule (any of its stop rules; monotone in the
+        events). Elementwise over tensors of one shape."""
+        stop = torch.zeros(counts.shape, dtype=torch.bool, device=counts.device)
+        if self.stops_at_weight_zero:
+            stop |= weights <= self.positive_eps
+        if self.drift_budget is not None:
+            stop |= counts >= self.drift_budget
+        if self.max_consecutive_bad is not None:
+            stop |= runs >= self.max_consecutive_bad
+        return stop
+
     @property
     def can_stop(self) -> bool:
         """Whether any sample can ever reach a stop point under this rule."""
@@ -202,14 +217,7 @@ def chunk_weights(
     cumulative = count_before[:, None] + bad.to(torch.int64).cumsum(dim=-1)
     weights = torch.where(valid, weights_from_counts(cumulative, rule.w_drop), 0.0)
     runs = consecutive_runs(bad, valid, run_before)
-    stop = torch.zeros_like(valid)
-    if rule.stops_at_weight_zero:
-        stop |= weights <= rule.positive_eps
-    if rule.drift_budget is not None:
-        stop |= cumulative >= rule.drift_budget
-    if rule.max_consecutive_bad is not None:
-        stop |= runs >= rule.max_consecutive_bad
-    stop &= valid
+    stop = rule.stop_points(weights, cumulative, runs) & valid
     # Past the stop point: stopped before the block, or a stop at an earlier column.
     stops_so_far = stop.to(torch.int64).cumsum(dim=-1)
     past = stopped_before[:, None] | (stops_so_far - stop.to(torch.int64) > 0)
