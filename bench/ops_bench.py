@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_opd.ops import vocab_parallel_topk, vocab_parallel_topk_log_probs  # noqa: E402
 from megatron_opd.ops.shard import chunk_tokens_for  # noqa: E402
-from megatron_opd.ops.topk_select import topk_by_blocks  # noqa: E402
+from megatron_opd.ops.topk_select import PRUNE_BLOCK, PRUNE_SLACK, topk_by_blocks  # noqa: E402
 from megatron_opd.testing.multiprocess import DistributedPool  # noqa: E402
 
 TP = 2
@@ -74,6 +74,26 @@ def _count_communication(counter: dict):
         yield counter
     finally:
         dist.all_gather, dist.all_reduce = original_gather, original_reduce
+
+
+@contextmanager
+def _count_topk_rows(counter: dict, shard_width: int, pruned_width: int):
+    """Count the rows ``torch.topk`` reads while active: whole shard rows (``whole``) and
+    rows of the block-pruned read (``blocks``, :func:`topk_by_blocks`'s candidates)."""
+    original = torch.topk
+
+    def topk(tensor, *args, **kwargs):
+        if tensor.dim() == 2 and tensor.shape[1] == shard_width:
+            counter["whole"] += tensor.shape[0]
+        elif tensor.dim() == 2 and tensor.shape[1] == pruned_width:
+            counter["blocks"] += tensor.shape[0]
+        return original(tensor, *args, **kwargs)
+
+    torch.topk = topk
+    try:
+        yield counter
+    finally:
+        torch.topk = original
 
 
 def _rss_bytes(field: str) -> int:
@@ -166,6 +186,11 @@ def _bench_rank(cfg: dict):
         if differ.any():
             values = a[0][differ.any(dim=-1)]
             assert bool((values[:, 1:] == values[:, :-1]).any(dim=-1).all()), "ids differ"
+        # The ranks' top-K reads: which rows took the block-pruned path (ours).
+        pruned_width = (k + 1 + PRUNE_SLACK) * PRUNE_BLOCK
+        with _count_topk_rows({"whole": 0, "blocks": 0}, real.shape[1], pruned_width) as rows:
+            ours()
+        row["topk_rows"] = rows
         for label, fn in (("ours", ours), ("naive", naive)):
             with _count_communication({"values": 0}) as counter:
                 fn()
@@ -264,6 +289,12 @@ def main() -> None:
             f"{name:<10} floor  {floor_s:.3f} s of local torch passes ({passes} per chunk, "
             f"no communication) | ours {ours_s / floor_s:.2f}x the floor | "
             f"{verdict} (target <= {FLOOR_TARGET}x at V=151,936, K=16, TP=2)"
+        )
+        by_blocks = sum(r["topk_rows"]["blocks"] for r in rows)
+        whole = sum(r["topk_rows"]["whole"] for r in rows)
+        print(
+            f"{name:<10} top-K  rows read by blocks (topk_by_blocks) {by_blocks:,} | rows "
+            f"read whole (unsure, or too narrow) {whole:,} (both ranks)"
         )
         pruned_s = max(r["pruned_floor_s"] for r in rows)
         print(

@@ -43,4 +43,7 @@ def test_ops_bench_runs_checks_and_prints_both_floors():
     for op in ("topk", "topk+logp"):
         assert f"{op:<10} check  values equal" in out
         assert f"{op:<10} floor  with our block-pruned top-K" in out
+        # The counter shows the block-pruned read firing on random logits.
+        line = next(x for x in out.splitlines() if x.startswith(f"{op:<10} top-K  rows"))
+        assert "rows read by blocks (topk_by_blocks) 0 " not in line
     assert out.count("target <= 1.3x") == 2
